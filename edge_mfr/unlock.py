@@ -13,7 +13,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from .detect import Detection, MTCNNDetector
+from .detect import DEFAULT_DETECTOR, Detection, get_detector
 from .embed import FaceEmbedder
 from .errors import GalleryError, InputError, QualityError
 from .gallery import Gallery
@@ -115,6 +115,9 @@ class FaceUnlock:
     model: a ModelPackage, a path or bundled name, or None for the best bundled model.
     gallery: the gallery file path; the secret is `passphrase` or `key_file`.
     fmr: target false match rate; its threshold must be calibrated in the model package.
+    detector: a detector object (anything with `detect(image) -> list[Detection]`), a detector name (see
+        `edge_mfr.detect.available_detectors()`), or None for DEFAULT_DETECTOR. A name is built to search only
+        for faces the quality policies could accept (min_face_size), which is what makes detection cheap.
     """
 
     def __init__(
@@ -125,7 +128,7 @@ class FaceUnlock:
         key_file: str | Path | None = None,
         fmr: float = DEFAULT_FMR,
         aggregation: str = "max",
-        detector: MTCNNDetector | None = None,
+        detector=None,
         backend: str = "ort",
         threads: int | None = None,
         enroll_policy: QualityPolicy | None = None,
@@ -142,9 +145,12 @@ class FaceUnlock:
         self.threshold = max(self.thresholds.values())
         self.fmr = fmr
         self.aggregation = aggregation
-        self.detector = detector or MTCNNDetector()
         self.enroll_policy = enroll_policy or QualityPolicy.enroll()
         self.verify_policy = verify_policy or QualityPolicy.verify()
+        if detector is None or isinstance(detector, str):
+            smallest_usable = min(self.enroll_policy.min_face_size, self.verify_policy.min_face_size)
+            detector = get_detector(detector or DEFAULT_DETECTOR, min_face_size=max(smallest_usable, 1.0))
+        self.detector = detector
         self.mask_synthesizer = mask_synthesizer
         self.seed = seed
         self.gallery_path = Path(gallery) if gallery is not None else None

@@ -150,3 +150,140 @@ def test_detection_to_dict_is_json(detector, lfw_images):
     decoded = json.loads(json.dumps(record))
     assert list(decoded["landmarks"]) == ["left_eye", "right_eye", "nose", "mouth_left", "mouth_right"]
     assert len(decoded["box"]) == 4
+
+
+# --- every registered detector: the interface, the landmark order on real faces, bad input ---------------
+
+from edge_mfr.detect import (DEFAULT_DETECTOR, YuNetDetector, available_detectors,  # noqa: E402
+                             describe_detector, get_detector)
+from edge_mfr.errors import ModelPackageError  # noqa: E402
+
+
+@pytest.fixture(scope="module", params=available_detectors())
+def any_detector(request):
+    return get_detector(request.param)
+
+
+def test_registry_lists_and_builds_every_detector():
+    names = available_detectors()
+    assert {"yunet", "mtcnn", "mtcnn-fast"} <= set(names) and DEFAULT_DETECTOR in names
+    for name in names:
+        detector = get_detector(name, threads=1)
+        assert detector.registry_name == name and describe_detector(name)
+    assert isinstance(get_detector("yunet", max_side=320), YuNetDetector)
+    assert get_detector("mtcnn-fast").scale_factor == 0.6
+    assert get_detector("mtcnn-fast", scale_factor=0.5).scale_factor == 0.5  # keywords override the preset
+
+
+def test_unknown_detector_names_the_available_ones():
+    with pytest.raises(InputError) as error:
+        get_detector("haar")
+    message = str(error.value)
+    assert "haar" in message and all(name in message for name in available_detectors())
+
+
+def test_every_detector_gives_landmarks_in_aligner_order_on_real_faces(any_detector, lfw_images, data_dir):
+    masked = cv2.imread(str(data_dir / "rmfd_sample" / "0000" / "0000.jpg"))
+    celeba = cv2.imread(str(data_dir / "celeba299" / "images" / "000093.jpg"))
+    for image in (*lfw_images, masked, celeba):
+        face = any_detector.detect_largest(image)
+        assert face is not None
+        assert_plausible_face(face)
+
+
+def test_detectors_agree_on_landmarks_of_real_faces(lfw_images):
+    """YuNet's points are the same five points as MTCNN's, within a fraction of the eye distance."""
+    reference, yunet = MTCNNDetector(), get_detector("yunet")
+    for image in lfw_images:
+        expected, found = reference.detect_largest(image), yunet.detect_largest(image)
+        eye_distance = np.linalg.norm(expected.landmarks[1] - expected.landmarks[0])
+        error = np.linalg.norm(found.landmarks - expected.landmarks, axis=1) / eye_distance
+        assert error.max() < 0.3, error
+        assert iou(found.box, expected.box) > 0.6
+
+
+def test_yunet_finds_a_face_too_large_for_its_training_range(lfw_images):
+    """A close-up face of ~700 px is found by the half-scale pass, mapped back to the caller's pixels."""
+    big = cv2.resize(lfw_images[0], (1200, 1200), interpolation=cv2.INTER_CUBIC)
+    reference = get_detector("yunet").detect(lfw_images[0])[0]
+    one_pass = YuNetDetector(max_side=None, large_face_pass=False).detect(big)
+    faces = YuNetDetector(max_side=None).detect(big)
+    assert len(faces) >= 1
+    assert iou(faces[0].box, reference.box * 4.8) > 0.7
+    # At full size the face is beyond YuNet's training range: one pass alone boxes it worse.
+    assert not one_pass or iou(one_pass[0].box, reference.box * 4.8) < iou(faces[0].box, reference.box * 4.8)
+    assert np.max(np.abs(faces[0].landmarks - reference.landmarks * 4.8)) < 40
+
+
+def test_yunet_min_face_size_downscales_but_still_finds_the_face(lfw_images):
+    from edge_mfr.bench import fit_frame
+
+    frame = fit_frame(lfw_images[1], (640, 480))
+    full, fast = YuNetDetector().detect_largest(frame), YuNetDetector(min_face_size=48).detect_largest(frame)
+    assert full is not None and fast is not None and iou(full.box, fast.box) > 0.8
+    eye_distance = np.linalg.norm(full.landmarks[1] - full.landmarks[0])
+    assert np.max(np.linalg.norm(fast.landmarks - full.landmarks, axis=1)) < 0.15 * eye_distance
+
+
+def test_yunet_input_sides_need_not_be_multiples_of_32(lfw_images):
+    odd = np.ascontiguousarray(lfw_images[2][:241, :227])
+    face = YuNetDetector().detect_largest(odd)
+    assert face is not None
+    assert_plausible_face(face)
+
+
+def test_every_detector_finds_nothing_in_blank_or_noise(any_detector):
+    rng = np.random.default_rng(0)
+    assert any_detector.detect(np.zeros((240, 320, 3), np.uint8)) == []
+    assert any_detector.detect(rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)) == []
+    assert any_detector.detect_largest(np.full((480, 640, 3), 200, np.uint8)) is None
+    assert any_detector.detect(np.zeros((8, 8, 3), np.uint8)) == []
+
+
+@pytest.mark.parametrize("bad", [np.zeros((64, 64, 3), np.float32), np.zeros((64, 64, 2), np.uint8),
+                                 np.zeros((0, 64, 3), np.uint8), [[0, 1], [2, 3]]])
+def test_every_detector_refuses_bad_input(any_detector, bad):
+    with pytest.raises(InputError):
+        any_detector.detect(bad)
+
+
+def test_invalid_yunet_settings_raise():
+    for settings in ({"score_threshold": 1.5}, {"nms_threshold": 0}, {"max_side": 16}, {"min_face_size": 0},
+                     {"min_face_fraction": 2}, {"top_k": 0}, {"threads": 0}):
+        with pytest.raises(InputError):
+            YuNetDetector(**settings)
+
+
+def test_yunet_refuses_a_replaced_model_file(tmp_path, monkeypatch):
+    import edge_mfr.detect.yunet as yunet
+
+    tampered = tmp_path / "yunet.onnx"
+    tampered.write_bytes(yunet.MODEL_PATH.read_bytes()[:-1] + b"\0")
+    monkeypatch.setattr(yunet, "MODEL_PATH", tampered)
+    yunet._session.cache_clear()
+    try:
+        with pytest.raises(ModelPackageError, match="sha256"):
+            YuNetDetector(threads=3)
+    finally:
+        yunet._session.cache_clear()
+
+
+def test_yunet_model_ships_with_licence_and_provenance():
+    import edge_mfr.detect.yunet as yunet
+
+    folder = yunet.MODEL_PATH.parent
+    assert "MIT License" in (folder / "LICENSE.yunet").read_text()
+    assert yunet.MODEL_SHA256 in (folder / "PROVENANCE.md").read_text()
+
+
+def test_face_unlock_takes_a_detector_by_name_or_uses_the_default(model_package):
+    from edge_mfr.unlock import FaceUnlock
+
+    default = FaceUnlock(model=model_package).detector
+    assert default.registry_name == DEFAULT_DETECTOR
+    # Built to search only for faces the quality gate could accept.
+    assert default.min_face_size == min(FaceUnlock(model=model_package).verify_policy.min_face_size,
+                                        FaceUnlock(model=model_package).enroll_policy.min_face_size)
+    assert FaceUnlock(model=model_package, detector="mtcnn-fast").detector.registry_name == "mtcnn-fast"
+    with pytest.raises(InputError, match="available detectors"):
+        FaceUnlock(model=model_package, detector="nope")
