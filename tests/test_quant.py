@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import shutil
@@ -21,7 +20,10 @@ from edge_mfr.quant.ptq import quantize_package
 from edge_mfr.runtime.ort import OrtEmbedder
 
 REPO = Path(__file__).resolve().parents[1]
-CALIBRATION_IDENTITIES = 6  # x 2 crops each: a handful of real faces is enough for a test-sized calibration
+CALIBRATION_FACES = 12  # the first 12 faces of the shipped manifest: enough for a test-sized calibration
+# Lax bounds for the passing run: the test is that the gate measures and records, not the model's quality.
+LAX_GATE = ["--gate-faces", "6", "--lfw-pairs", "20", "--min-mean-cosine", "0.9", "--min-cosine", "0.8",
+            "--max-eer-increase", "100", "--threads", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -32,27 +34,26 @@ def teacher():
         pytest.skip(f"no bundled model package: {exc}")
 
 
-def glint_identities(data_dir: Path) -> list[Path]:
-    return sorted(p for p in (data_dir / "glint24").iterdir() if p.is_dir())
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    from edge_mfr.cli import main
+
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
 
 
-def small_manifest(data_dir: Path, path: Path):
-    """12 glint24 crops (2 per identity, every other one masked) as a calibration manifest."""
-    entries = []
-    for i, folder in enumerate(glint_identities(data_dir)[:CALIBRATION_IDENTITIES]):
-        for j, file in enumerate(sorted(folder.glob("*.jpg"))[:2]):
-            masked = (i + j) % 2 == 1
-            rel = file.relative_to(data_dir).as_posix()
-            entries.append(CalibrationEntry(path=rel, sha256=file_sha256(file), identity=f"glint24/{folder.name}",
-                                            landmarks=ARCFACE_TEMPLATE_112, landmarks_from="arcface_template_112",
-                                            mask_type="surgical" if masked else None, mask_seed=i if masked else None))
-    return write_manifest(path, entries, {"tool": "tests/test_quant.py"})
+def glint_entry(data_dir: Path, identity: str, index: int = 0) -> CalibrationEntry:
+    """A pre-aligned 112x112 glint24 crop as a manifest entry."""
+    file = sorted((data_dir / "glint24" / identity).glob("*.jpg"))[index]
+    return CalibrationEntry(path=file.relative_to(data_dir).as_posix(), sha256=file_sha256(file),
+                            identity=f"glint24/{identity}", landmarks=ARCFACE_TEMPLATE_112,
+                            landmarks_from="arcface_template_112", mask_type=None, mask_seed=None)
 
 
 def held_out_faces(data_dir: Path, package) -> np.ndarray:
-    """Crops of all 24 glint24 identities never used for calibration, each plain and with a mask."""
+    """Crops of all 24 glint24 identities (none is in the shipped manifest), each plain and with a mask."""
     faces = []
-    for i, folder in enumerate(glint_identities(data_dir)):
+    for i, folder in enumerate(sorted(p for p in (data_dir / "glint24").iterdir() if p.is_dir())):
         image = cv2.imread(str(sorted(folder.glob("*.jpg"))[10]), cv2.IMREAD_COLOR)
         for variant in (image, apply_mask(image, ARCFACE_TEMPLATE_112, "n95", i)):
             faces.append(align_faces(variant, ARCFACE_TEMPLATE_112, template=package.template, size=package.input_size,
@@ -61,11 +62,15 @@ def held_out_faces(data_dir: Path, package) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def quantized(teacher, data_dir, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("quant")
-    manifest = small_manifest(data_dir, folder / "manifest.json")
-    package = quantize_package(teacher, folder / "out", manifest, data_root=data_dir)
-    return manifest, package
+def quantized(teacher, data_dir, lfw_dir, tmp_path_factory):
+    """The teacher quantized from the shipped manifest through the CLI, with a (lax) accuracy gate."""
+    from edge_mfr.cli import main
+
+    out = tmp_path_factory.mktemp("quant") / "out"
+    code = main(["quantize", str(teacher.onnx_path), "-o", str(out), "--data-root", str(data_dir),
+                 "--limit", str(CALIBRATION_FACES), *LAX_GATE])
+    assert code == 0
+    return load_manifest(), load_package(out / "dlib_resnet_v1_int8.onnx")
 
 
 def test_int8_package_loads_runs_and_agrees_with_fp32(teacher, quantized, data_dir):
@@ -77,7 +82,9 @@ def test_int8_package_loads_runs_and_agrees_with_fp32(teacher, quantized, data_d
     assert reloaded.thresholds == {}  # fp32 thresholds do not carry over: the package must be recalibrated
     recipe = reloaded.meta["recipe"]["quantization"]
     assert recipe["calibration_manifest"]["sha256"] == manifest.sha256
-    assert recipe["calibration_manifest"]["faces_used"] == 12 and recipe["calibration_manifest"]["masked_used"] == 6
+    assert recipe["calibration_manifest"]["faces_used"] == CALIBRATION_FACES
+    assert recipe["calibration_manifest"]["masked_used"] == sum(
+        e.mask_type is not None for e in manifest.entries[:CALIBRATION_FACES])
     assert recipe["source"]["fingerprint"] == teacher.fingerprint
     assert (recipe["format"], recipe["per_channel"], recipe["reduce_range"]) == ("QDQ", True, True)
 
@@ -91,19 +98,98 @@ def test_int8_package_loads_runs_and_agrees_with_fp32(teacher, quantized, data_d
         quantize_package(reloaded, package.onnx_path.parent / "again", manifest, data_root=data_dir)
 
 
-def test_nncf_path_quantizes_a_student_graph_onnxruntime_can_run(quantized, data_dir, tmp_path):
+def test_gate_measurements_are_recorded_in_the_int8_metadata(quantized):
+    _, package = quantized
+    gate = package.meta["recipe"]["quantization"]["gate"]
+    assert gate["passed"] and gate["failures"] == []
+    assert gate["bounds"] == {"min_mean_cosine": 0.9, "min_cosine": 0.8, "max_eer_increase_points": 100.0}
+    held_out = gate["held_out"]
+    assert held_out["faces"] == 6 and held_out["masked_faces"] == 3
+    assert -1.0 <= held_out["min_cosine"] <= held_out["mean_cosine"] <= 1.0
+    lfw = gate["lfw"]
+    assert lfw["n_pairs"] == 20 and lfw["subset"]
+    for scenario in ("uu", "um"):
+        assert lfw["change"][scenario]["eer_points"] == pytest.approx(
+            100 * (lfw["int8"][scenario]["eer"] - lfw["fp32"][scenario]["eer"]))
+    # `edge-mfr models list` reads the int8 model's own LFW numbers from here
+    accuracy = package.meta["accuracy"]["lfw"]
+    assert accuracy["pairs"] == 20 and accuracy["um"]["eer"] == lfw["int8"]["um"]["eer"]
+
+
+def test_gate_refuses_an_int8_model_beyond_a_bound_with_exit_2(teacher, data_dir, tmp_path, capsys):
+    """No INT8 graph matches FP32 exactly, so a mean cosine of 1.0 cannot be met: exit 2, nothing written,
+    and an earlier package in the output folder is left alone."""
+    out = tmp_path / "out"
+    out.mkdir()
+    earlier = out / "dlib_resnet_v1_int8.onnx"
+    earlier.write_bytes(b"an earlier package")
+    code, out_text, err = run_cli(["quantize", str(teacher.onnx_path), "-o", str(out), "--data-root", str(data_dir),
+                                   "--limit", str(CALIBRATION_FACES), "--gate-faces", "4", "--lfw-pairs", "0",
+                                   "--min-mean-cosine", "1.0"], capsys)
+    assert code == 2
+    assert "fails the accuracy gate" in err and "--min-mean-cosine 1.0" in err
+    assert "held-out faces (4, 2 masked)" in out_text  # the measured numbers are shown
+    assert earlier.read_bytes() == b"an earlier package" and sorted(p.name for p in out.iterdir()) == [earlier.name]
+
+
+def test_calibration_overlapping_test_identities_is_refused(teacher, data_dir, tmp_path, capsys):
+    """An LFW identity (glint24/Tom_Hanks is in LFW) or a celeba_test calib identity in the calibration set."""
+    calib_line = next(line.split() for line in (data_dir / "celeba_test" / "identities.txt").read_text().splitlines()
+                      if line.endswith(" calib"))
+    calib_file = data_dir / "celeba_test" / "images" / calib_line[0]
+    calib_entry = CalibrationEntry(path=f"celeba_test/images/{calib_line[0]}", sha256=file_sha256(calib_file),
+                                   identity=f"celeba_test/{calib_line[1]}", landmarks=ARCFACE_TEMPLATE_112,
+                                   landmarks_from="mtcnn", mask_type=None, mask_seed=None)
+    cases = {"lfw": (glint_entry(data_dir, "Tom_Hanks"), "glint24/Tom_Hanks is an LFW identity"),
+             "calib": (calib_entry, f"celeba_test/{calib_line[1]} is a celeba_test calib identity")}
+    for name, (entry, reason) in cases.items():
+        manifest = write_manifest(tmp_path / f"{name}.json", [entry], {"tool": "tests/test_quant.py"})
+        with pytest.raises(InputError, match="overlaps the test identities"):
+            manifest.check_identities(data_dir)
+        code, _, err = run_cli(["quantize", str(teacher.onnx_path), "-o", str(tmp_path / name), "--data-root",
+                                str(data_dir), "--manifest", str(manifest.path), "--no-gate"], capsys)
+        assert code == 2 and reason in err, err
+        assert not (tmp_path / name).exists()
+
+
+def test_quantization_without_its_calibration_data_is_refused(teacher, data_dir, tmp_path, capsys):
+    base = ["quantize", str(teacher.onnx_path), "-o", str(tmp_path / "out"), "--no-gate"]
+    code, _, err = run_cli([*base, "--data-root", str(tmp_path / "absent")], capsys)
+    assert code == 2 and "calibration data root" in err and "does not exist" in err
+    code, _, err = run_cli([*base, "--manifest", str(tmp_path / "none.json")], capsys)
+    assert code == 2 and "none.json not found" in err
+    empty_root = tmp_path / "empty_root"  # the folder exists, its images do not
+    empty_root.mkdir()
+    code, _, err = run_cli([*base, "--data-root", str(empty_root)], capsys)
+    assert code == 2 and "256 missing" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_prealigned_crops_that_do_not_fit_the_input_size_are_refused(teacher, data_dir, tmp_path, capsys):
+    """112x112 ArcFace crops cannot calibrate the 150x150 teacher without resampling them."""
+    assert teacher.input_size != (112, 112)
+    manifest = write_manifest(tmp_path / "glint.json", [glint_entry(data_dir, "Barack_Obama", i) for i in range(2)],
+                              {"tool": "tests/test_quant.py"})
+    with pytest.raises(InputError, match="takes 150x150 input"):
+        manifest.check_geometry(teacher)
+    code, _, err = run_cli(["quantize", str(teacher.onnx_path), "-o", str(tmp_path / "out"), "--data-root",
+                            str(data_dir), "--manifest", str(manifest.path), "--no-gate"], capsys)
+    assert code == 2 and "pre-aligned 112x112 ArcFace crops" in err and "takes 150x150 input" in err
+
+
+def test_nncf_path_quantizes_a_student_graph_onnxruntime_can_run(data_dir, tmp_path):
     """NNCF on a MobileFaceNet export (decomposed PReLU, depthwise convs): its int8 graph must run in ONNX
-    Runtime. The student is untrained (no trained student ships yet), so only the graph is under test."""
+    Runtime. The student is untrained, so only the graph is under test, not its accuracy."""
     pytest.importorskip("nncf", reason="the NNCF path needs nncf (pip install edge-mfr[train])")
     torch = pytest.importorskip("torch", reason="exporting a student needs torch")
     from edge_mfr.models.export import export_student
     from edge_mfr.models.mobilefacenet import build_student
 
-    manifest, _ = quantized
     torch.manual_seed(0)
     student = export_student(build_student("mfn_s"), tmp_path / "mfn_s_untrained.onnx", verbose=False)
-    package = quantize_package(student, tmp_path / "out", manifest, data_root=data_dir, method="nncf",
-                               min_mean_cosine=0.0)  # untrained weights: agreement is not what is tested
+    load_manifest().check_geometry(student)  # photos with landmarks fit any input size
+    package = quantize_package(student, tmp_path / "out", data_root=data_dir, method="nncf",
+                               limit=CALIBRATION_FACES, min_calibration_cosine=0.0)
     assert package.name == "mfn_s_untrained_int8_nncf"
     assert package.meta["recipe"]["quantization"]["activations"] == "per-tensor"
     embeddings = OrtEmbedder(load_package(package.onnx_path), threads=2).embed(held_out_faces(data_dir, student)[:4])
@@ -112,7 +198,7 @@ def test_nncf_path_quantizes_a_student_graph_onnxruntime_can_run(quantized, data
 
 def test_manifest_check_names_missing_and_modified_files(data_dir, tmp_path):
     root = tmp_path / "data"
-    source = glint_identities(data_dir)[0]
+    source = data_dir / "glint24" / "Barack_Obama"
     copied = []
     for file in sorted(source.glob("*.jpg"))[:3]:
         target = root / "glint24" / source.name / file.name
@@ -148,11 +234,13 @@ def test_manifest_refuses_evaluation_data(tmp_path):
 def test_shipped_manifest_is_identity_balanced_training_data(data_dir):
     manifest = load_manifest(REPO / "calibration" / "manifest.json")
     manifest.check_files(data_dir)
+    manifest.check_identities(data_dir)  # no LFW name, no celeba_test calib id, celeba_test train split only
     per_identity = {}
     for entry in manifest.entries:
         per_identity[entry.identity] = per_identity.get(entry.identity, 0) + 1
     assert len(manifest.entries) == 256 and set(per_identity.values()) == {2}
-    assert {entry.source for entry in manifest.entries} <= {"glint24", "celeba299"}
+    assert {entry.source for entry in manifest.entries} == {"celeba299", "celeba_test"}
+    assert {entry.landmarks_from for entry in manifest.entries} == {"mtcnn"}  # fits every package geometry
     assert manifest.masked_count == 128
 
 
@@ -164,15 +252,3 @@ def test_make_manifest_selection_is_seeded(data_dir):
     second = make_manifest.select(data_dir, count=6, per_identity=2, masked_fraction=0.5, seed=7)
     assert [e.to_dict() for e in first] == [e.to_dict() for e in second]
     assert len({e.identity for e in first}) == 3 and sum(e.mask_type is not None for e in first) == 3
-
-
-def test_cli_reports_a_missing_data_root(teacher, tmp_path):
-    from edge_mfr.cli import quantize
-
-    parser = argparse.ArgumentParser(prog="edge-mfr")
-    quantize.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["quantize", str(teacher.onnx_path), "-o", str(tmp_path), "--data-root",
-                              str(tmp_path / "absent")])
-    with pytest.raises(InputError, match="does not exist"):
-        args.func(args)
-    assert not list(tmp_path.glob("*.onnx"))

@@ -14,12 +14,15 @@ Two quantizers calibrated on the same real, hash-pinned faces (edge_mfr.quant.ma
 Both start from the graph after onnxruntime's quantization pre-processing (shape inference and graph
 optimisation, so Conv+BN+activation are fused before ranges are observed). The result is refused if its
 embeddings disagree with the fp32 model's on the calibration faces (mean cosine below
-`min_mean_cosine`). Calibrated thresholds are not carried over: int8 scores shift slightly, so the new
-package must be calibrated again (`edge-mfr calibrate`) before it is used for unlock decisions.
+`min_calibration_cosine`: a broken graph), and, with a `GateConfig`, when it moves further from fp32 on
+held-out data than the caller's bounds allow (edge_mfr.quant.gate). Calibrated thresholds are not carried
+over: int8 scores shift slightly, so the new package must be calibrated again (`edge-mfr calibrate`)
+before it is used for unlock decisions.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -28,7 +31,8 @@ import numpy as np
 
 from ..errors import BackendUnavailableError, InputError, ModelPackageError
 from ..models.package import ModelPackage, save_package
-from .manifest import CalibrationManifest, calibration_faces, load_manifest
+from .gate import LFW_SCENARIOS, GateConfig, QuantizationGateError, run_gate
+from .manifest import CalibrationManifest, calibration_faces, default_data_root, load_manifest
 
 METHODS = ("ort", "nncf")
 CALIBRATE_METHODS = ("minmax", "entropy", "percentile")
@@ -115,7 +119,8 @@ def quantize_package(package: ModelPackage, out_dir: str | Path,
                      manifest: CalibrationManifest | str | Path | None = None, *,
                      data_root: str | Path | None = None, method: str = "ort", per_channel: bool = True,
                      reduce_range: bool = True, calibrate_method: str = "minmax", limit: int | None = None,
-                     batch: int = DEFAULT_BATCH, min_mean_cosine: float = 0.95) -> ModelPackage:
+                     batch: int = DEFAULT_BATCH, min_calibration_cosine: float = 0.95,
+                     gate: GateConfig | None = None) -> ModelPackage:
     """Quantize `package` to int8 and save `out_dir/NAME_int8.onnx` + sidecar; return the new package.
 
     The new package's name is NAME_int8 ("ort") or NAME_int8_nncf ("nncf"); its fingerprint is new (the
@@ -125,8 +130,14 @@ def quantize_package(package: ModelPackage, out_dir: str | Path,
     data_root: where the manifest's relative paths live (default EDGE_MFR_DATA or ../shared/data).
     method: "ort" (onnxruntime quantize_static) or "nncf". per_channel / reduce_range / calibrate_method
     apply to "ort" (see the module docstring). limit: calibrate on the first `limit` manifest faces only.
-    Raises InputError for bad arguments or a manifest that does not match its files, BackendUnavailableError
-    when onnx / nncf are missing, ModelPackageError when the int8 model disagrees with fp32.
+    min_calibration_cosine: sanity floor on the calibration faces themselves (a broken graph, not a gate).
+    gate: measure the int8 package on held-out data (edge_mfr.quant.gate) and refuse it when a bound is
+    exceeded; the measurements go into the package's recipe and its `accuracy` record.
+    Nothing is written to out_dir unless every check passes, so an earlier package there survives a failure.
+    Raises InputError for bad arguments, a manifest that does not match its files, overlaps the test
+    identities or does not fit the package; BackendUnavailableError when onnx / nncf are missing;
+    ModelPackageError when the int8 model disagrees with fp32 on its calibration faces;
+    QuantizationGateError when a gate bound is exceeded.
     """
     if method not in METHODS:
         raise InputError(f"method must be one of {METHODS}, got {method!r}")
@@ -136,10 +147,10 @@ def quantize_package(package: ModelPackage, out_dir: str | Path,
         raise InputError(f"model {package.name!r} is already quantized; quantize its fp32 source instead")
     if not isinstance(manifest, CalibrationManifest):
         manifest = load_manifest(manifest)
-    faces = calibration_faces(manifest, package, data_root, limit)
+    root = Path(data_root) if data_root is not None else default_data_root()
+    faces = calibration_faces(manifest, package, root, limit)
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     name = package.name + NAME_SUFFIX[method]
     out_onnx = out_dir / f"{name}.onnx"
     if out_onnx.resolve() == package.onnx_path.resolve():
@@ -152,7 +163,7 @@ def quantize_package(package: ModelPackage, out_dir: str | Path,
 
     with tempfile.TemporaryDirectory(prefix="edge-mfr-quant-") as tmp:
         prepared = Path(tmp) / "prepared.onnx"
-        quantized = Path(tmp) / "quantized.onnx"
+        quantized = Path(tmp) / f"{name}.onnx"
         quantization.quant_pre_process(str(package.onnx_path), str(prepared))
         input_name = ort.InferenceSession(str(prepared), providers=["CPUExecutionProvider"]).get_inputs()[0].name
         (_quantize_ort if method == "ort" else _quantize_nncf)(prepared, quantized, faces, input_name, settings)
@@ -161,33 +172,54 @@ def quantize_package(package: ModelPackage, out_dir: str | Path,
         except Exception as exc:  # onnxruntime's errors derive from Exception only
             raise ModelPackageError(f"the int8 {method} graph of {package.name!r} does not run in ONNX Runtime "
                                     f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]})") from None
-        if not agreement["mean_cosine"] >= min_mean_cosine:
+        if not agreement["mean_cosine"] >= min_calibration_cosine:
             raise ModelPackageError(
                 f"int8 {method} quantization of {package.name!r} disagrees with fp32 on the calibration faces "
-                f"(mean cosine {agreement['mean_cosine']:.4f} < {min_mean_cosine}); not saving it")
-        shutil.move(str(quantized), out_onnx)
+                f"(mean cosine {agreement['mean_cosine']:.4f} < {min_calibration_cosine}); not saving it")
 
-    if method == "ort":
-        tool = {"tool": "onnxruntime.quantization.quantize_static", "version": ort.__version__,
-                "format": "QDQ", "activation_type": "uint8", "weight_type": "int8",
-                "per_channel": settings["per_channel"], "reduce_range": settings["reduce_range"],
-                "calibrate_method": calibrate_method}
-    else:
-        nncf = _require("nncf")
-        tool = {"tool": "nncf.quantize (ONNX backend)", "version": nncf.__version__, "format": "QDQ",
-                "preset": "performance (symmetric)", "activations": "per-tensor", "fast_bias_correction": True}
-    recipe = dict(package.meta.get("recipe", {}))
-    recipe["quantization"] = {
-        **tool,
-        "method": method,
-        "pre_process": "onnxruntime.quantization.quant_pre_process",
-        "source": {"name": package.name, "fingerprint": package.fingerprint},
-        "calibration_manifest": {"sha256": manifest.sha256, "file": manifest.path.name,
-                                 "faces_used": int(len(faces)),
-                                 "masked_used": sum(e.mask_type is not None for e in manifest.entries[:len(faces)])},
-        "agreement_on_calibration_faces": agreement,
-    }
-    meta = {key: value for key, value in package.meta.items()
-            if key not in ("fingerprint", "thresholds", "calibration")}
-    meta.update(name=name, recipe=recipe, thresholds={}, calibration={})
+        if method == "ort":
+            tool = {"tool": "onnxruntime.quantization.quantize_static", "version": ort.__version__,
+                    "format": "QDQ", "activation_type": "uint8", "weight_type": "int8",
+                    "per_channel": settings["per_channel"], "reduce_range": settings["reduce_range"],
+                    "calibrate_method": calibrate_method}
+        else:
+            nncf = _require("nncf")
+            tool = {"tool": "nncf.quantize (ONNX backend)", "version": nncf.__version__, "format": "QDQ",
+                    "preset": "performance (symmetric)", "activations": "per-tensor", "fast_bias_correction": True}
+        recipe = dict(package.meta.get("recipe", {}))
+        recipe["quantization"] = {
+            **tool,
+            "method": method,
+            "pre_process": "onnxruntime.quantization.quant_pre_process",
+            "source": {"name": package.name, "fingerprint": package.fingerprint},
+            "calibration_manifest": {"sha256": manifest.sha256, "file": manifest.path.name,
+                                     "faces_used": int(len(faces)),
+                                     "masked_used": sum(e.mask_type is not None
+                                                        for e in manifest.entries[:len(faces)])},
+            "agreement_on_calibration_faces": agreement,
+        }
+        meta = {key: value for key, value in package.meta.items()
+                if key not in ("fingerprint", "thresholds", "calibration", "accuracy")}
+        meta.update(name=name, recipe=recipe, thresholds={}, calibration={})
+        candidate = save_package(quantized, meta)
+
+        if gate is not None:
+            measured = run_gate(package, candidate, manifest, root, gate)
+            recipe["quantization"]["gate"] = measured
+            if "lfw" in measured:
+                lfw = measured["lfw"]
+                meta["accuracy"] = {"lfw": {
+                    "pairs": lfw["n_pairs"], "subset": lfw["subset"], "protocol": lfw["protocol"],
+                    "measured_by": "edge-mfr quantize accuracy gate",
+                    **{scenario: {"accuracy": lfw["int8"][scenario]["accuracy"], "eer": lfw["int8"][scenario]["eer"]}
+                       for scenario in LFW_SCENARIOS}}}
+            if not measured["passed"]:
+                raise QuantizationGateError(
+                    f"int8 {method} package of {package.name!r} fails the accuracy gate, not saving it: "
+                    + "; ".join(measured["failures"]), measured)
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        staged = out_dir / f".{name}.onnx.partial"
+        shutil.copyfile(quantized, staged)
+        os.replace(staged, out_onnx)
     return save_package(out_onnx, meta)
