@@ -35,22 +35,35 @@ Payload (plaintext), schema 1::
           first_row .. first_row + len(templates) - 1
 
 The model fingerprint sits in both the header (so the associated data binds it) and the payload.
+The metadata may also hold "generation": a counter raised by every write (absent in files written before it
+existed, read as 0), which a rollback counter kept outside the file compares against (see docs/security.md).
+
+Bounded reads: the file must be a regular file (a FIFO or a device is refused without blocking), the
+header is read first and the ciphertext length it declares must be at most MAX_GALLERY_BYTES, so no file
+makes `open` read or allocate more than that; scrypt parameters are accepted only within the limits
+ScryptParams enforces when writing.
 
 Durability and concurrency: every write goes to a temporary file in the gallery's directory, is fsynced,
 renamed over the gallery and the directory is fsynced, so a crash or a full disk leaves either the old or
 the new gallery, never a mix; temporary files left by a killed writer are removed by the next write.
 There is deliberately no `.bak` copy: the rename already keeps the old version valid until the new one is
 durable, and a backup would keep the templates of a removed user on disk. Writers hold an exclusive
-`fcntl.flock` on `PATH.lock` (an empty file that stays beside the gallery) across read-modify-write;
-readers take a shared lock. File locking is POSIX-only.
+`fcntl.flock` on `PATH.lock` (an empty file that stays beside the gallery, opened without following
+symlinks) across read-modify-write. Readers take no lock: the atomic rename means they always read one
+whole version, and reading needs no write access, so a gallery on a read-only filesystem can be used for
+verify and identify. A gallery path that is a symlink is resolved once when the gallery is opened, so
+writes replace the real file, never the link. File locking is POSIX-only.
 """
 from __future__ import annotations
 
 import copy
+import errno
 import fcntl
+import hashlib
 import json
 import os
 import re
+import stat
 import struct
 import time
 import unicodedata
@@ -59,6 +72,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
@@ -84,6 +98,16 @@ SALT_SIZE = 16
 NONCE_SIZE = 12
 TAG_SIZE = 16
 
+# Largest ciphertext accepted on open and written: about 130k templates of 128 floats, far beyond an
+# on-device gallery. It bounds what a damaged or hostile file can make `open` read and allocate.
+MAX_GALLERY_BYTES = 64 * 1024 * 1024
+# New galleries need a passphrase of at least this many characters; existing ones still open with theirs.
+MIN_PASSPHRASE_LENGTH = 8
+MAX_KEY_FILE_BYTES = 4096
+# scrypt limits, for writing and for opening alike: a header cannot make `open` spend more than this.
+SCRYPT_MAX_N = 2**17
+SCRYPT_MAX_MEMORY = 128 * 1024 * 1024   # 128 * n * r bytes
+SCRYPT_MAX_WORK = 256 * 1024 * 1024     # 128 * n * r * p: about one second of CPU at the limit
 MAX_NAME_LENGTH = 128
 # Per-template metadata is for flags and quality numbers; the cap makes storing an image there impossible.
 MAX_TEMPLATE_INFO_BYTES = 8192
@@ -100,8 +124,10 @@ _HEX_KEY_PATTERN = re.compile(rb"[0-9a-fA-F]{64}")
 class ScryptParams:
     """Cost of the passphrase KDF; stored in each gallery's header, so the defaults can change later.
 
-    The default (N=2**15, r=8, p=1: 32 MiB, ~0.1 s) follows common interactive-login guidance. The limits
-    also bound what a tampered header can make `open` spend before authentication fails.
+    The default (N=2**15, r=8, p=1: 32 MiB, ~0.1 s) follows common interactive-login guidance. The same
+    limits apply when writing and when opening, so the library opens every gallery it writes, and a
+    tampered header cannot make `open` spend more than SCRYPT_MAX_MEMORY and SCRYPT_MAX_WORK before
+    authentication fails.
     """
 
     n: int = 2**15
@@ -109,14 +135,18 @@ class ScryptParams:
     p: int = 1
 
     def __post_init__(self):
-        if not (2 <= self.n <= 2**20 and self.n & (self.n - 1) == 0):
-            raise InputError(f"scrypt n must be a power of two in [2, 2**20], got {self.n}")
+        if not (2 <= self.n <= SCRYPT_MAX_N and self.n & (self.n - 1) == 0):
+            raise InputError(f"scrypt n must be a power of two in [2, 2**{SCRYPT_MAX_N.bit_length() - 1}], "
+                             f"got {self.n}")
         if not 1 <= self.r <= 32:
             raise InputError(f"scrypt r must be in [1, 32], got {self.r}")
         if not 1 <= self.p <= 16:
             raise InputError(f"scrypt p must be in [1, 16], got {self.p}")
-        if 128 * self.n * self.r > 2**30:
-            raise InputError(f"scrypt n={self.n}, r={self.r} needs more than 1 GiB of memory")
+        if 128 * self.n * self.r > SCRYPT_MAX_MEMORY:
+            raise InputError(f"scrypt n={self.n}, r={self.r} needs more than {SCRYPT_MAX_MEMORY >> 20} MiB of memory")
+        if 128 * self.n * self.r * self.p > SCRYPT_MAX_WORK:
+            raise InputError(f"scrypt n={self.n}, r={self.r}, p={self.p} costs more than the work limit "
+                             f"(128*n*r*p <= {SCRYPT_MAX_WORK >> 20} Mi)")
 
 
 @dataclass(frozen=True)
@@ -135,15 +165,17 @@ class _Header:
                            self.ciphertext_length, bytes.fromhex(self.model_fingerprint))
 
     @classmethod
-    def parse(cls, data: bytes, path: Path) -> _Header:
+    def parse(cls, data: bytes, path: Path, file_size: int | None = None) -> _Header:
+        """Parse and check the header; `file_size` (default len(data)) is the size of the whole file."""
+        file_size = len(data) if file_size is None else file_size
         prefix = data[:len(MAGIC)]
         if prefix != MAGIC[:len(prefix)]:
             raise GalleryError(f"{path} is not an edge-mfr gallery (bad magic {prefix!r})")
         if len(data) > len(MAGIC) and data[len(MAGIC)] != FORMAT_VERSION:
             raise GalleryError(f"gallery {path} has unsupported format version {data[len(MAGIC)]} "
                                f"(this edge-mfr reads version {FORMAT_VERSION})")
-        if len(data) < HEADER_SIZE:
-            raise GalleryError(f"gallery {path} is truncated: {len(data)} bytes, header needs {HEADER_SIZE}")
+        if file_size < HEADER_SIZE:
+            raise GalleryError(f"gallery {path} is truncated: {file_size} bytes, header needs {HEADER_SIZE}")
         (_, _, kdf_id, log2_n, r, p, salt, nonce, ciphertext_length,
          fingerprint) = HEADER.unpack_from(data)
         if kdf_id == KDF_SCRYPT:
@@ -157,11 +189,14 @@ class _Header:
         else:
             raise GalleryError(f"gallery {path} names unknown KDF id {kdf_id}; "
                                "the file is damaged or was tampered with")
+        if ciphertext_length > MAX_GALLERY_BYTES:
+            raise GalleryError(f"gallery {path} declares a {ciphertext_length}-byte ciphertext, above the "
+                               f"{MAX_GALLERY_BYTES >> 20} MiB limit; the file is damaged or was tampered with")
         expected_size = HEADER_SIZE + ciphertext_length
-        if len(data) < expected_size:
-            raise GalleryError(f"gallery {path} is truncated: {len(data)} bytes, header needs {expected_size}")
-        if len(data) > expected_size:
-            raise GalleryError(f"gallery {path} has {len(data) - expected_size} unexpected trailing bytes "
+        if file_size < expected_size:
+            raise GalleryError(f"gallery {path} is truncated: {file_size} bytes, header needs {expected_size}")
+        if file_size > expected_size:
+            raise GalleryError(f"gallery {path} has {file_size - expected_size} unexpected trailing bytes "
                                "after the ciphertext; the file is damaged or was tampered with")
         return cls(kdf_id, scrypt, salt, nonce, ciphertext_length, fingerprint.hex())
 
@@ -181,6 +216,7 @@ class _State:
     created_at: str
     updated_at: str
     users: dict[str, _UserRecord]
+    generation: int = 0  # raised by every write; compared with a rollback counter kept outside the file
 
 
 class Gallery:
@@ -192,72 +228,90 @@ class Gallery:
     """
 
     def __init__(self, path: Path, key: bytes, kdf_id: int, scrypt: ScryptParams | None, salt: bytes,
-                 state: _State, lock_timeout: float):
+                 state: _State, lock_timeout: float, rollback_counter: RollbackCounter | None = None):
         self._path = path
+        # Where reads and writes go: a symlinked path is resolved once, so a write replaces the real
+        # gallery (and locks beside it) instead of turning the link into a file of its own.
+        self._file = Path(os.path.realpath(path))
         self._key = key
         self._kdf_binding = (kdf_id, scrypt, salt)
         self._state = state
         self._lock_timeout = lock_timeout
+        self._rollback_counter = rollback_counter
 
     # ----------------------------------------------------------------------------------------- lifecycle
     @classmethod
     def create(cls, path: str | os.PathLike, model_fingerprint: str, passphrase: str | bytes | None = None,
                key_file: str | os.PathLike | None = None, *, scrypt: ScryptParams = ScryptParams(),
-               lock_timeout: float = DEFAULT_LOCK_TIMEOUT_S) -> Gallery:
+               lock_timeout: float = DEFAULT_LOCK_TIMEOUT_S,
+               rollback_counter: RollbackCounter | None = None) -> Gallery:
         """Create an empty gallery at `path` for the model with `model_fingerprint` (sha256 hex).
 
-        Protect it with exactly one of `passphrase` or `key_file`; refuses to overwrite an existing file.
+        Protect it with exactly one of `passphrase` (at least MIN_PASSPHRASE_LENGTH characters) or
+        `key_file`; refuses to overwrite an existing file or to create through a symlink. With
+        `rollback_counter`, the counter is bound to this new gallery (see `open`).
         """
         path = Path(path)
         fingerprint = _normalise_fingerprint(model_fingerprint)
         _require_one_secret(passphrase, key_file)
+        if path.is_symlink():
+            raise GalleryError(f"cannot create gallery {path}: the path is a symlink; give the real path")
         if not path.parent.is_dir():
             raise GalleryError(f"cannot create gallery {path}: directory {path.parent} does not exist")
         salt = os.urandom(SALT_SIZE)
         if passphrase is not None:
             kdf_id, secret = KDF_SCRYPT, _passphrase_bytes(passphrase)
+            if len(unicodedata.normalize("NFC", passphrase) if isinstance(passphrase, str) else passphrase) \
+                    < MIN_PASSPHRASE_LENGTH:
+                raise InputError(f"the passphrase of a new gallery needs at least {MIN_PASSPHRASE_LENGTH} "
+                                 "characters (a key file is the stronger choice for unattended devices)")
         else:
             kdf_id, secret, scrypt = KDF_KEY_FILE, _read_key_file(key_file), None
         key = _derive_key(kdf_id, scrypt, salt, secret)
         now = _utc_now()
-        state = _State(fingerprint, None, now, now, {})
+        state = _State(fingerprint, None, now, now, {}, generation=1)
         gallery = cls(path, key, kdf_id, scrypt, salt, state, lock_timeout)
         with _file_lock(path, exclusive=True, timeout=lock_timeout):
-            if path.exists():
+            if os.path.lexists(path):
                 raise GalleryError(f"cannot create gallery {path}: the file already exists")
             gallery._write_state(state)
+            if rollback_counter is not None:
+                _advance_counter(rollback_counter, gallery.gallery_id, state.generation, path, reset=True)
+        gallery._rollback_counter = rollback_counter
         return gallery
 
     @classmethod
     def open(cls, path: str | os.PathLike, passphrase: str | bytes | None = None,
              key_file: str | os.PathLike | None = None, model_fingerprint: str | None = None, *,
-             lock_timeout: float = DEFAULT_LOCK_TIMEOUT_S) -> Gallery:
-        """Open and decrypt an existing gallery.
+             lock_timeout: float = DEFAULT_LOCK_TIMEOUT_S,
+             rollback_counter: RollbackCounter | None = None) -> Gallery:
+        """Open and decrypt an existing gallery; reading needs no lock and no write access.
 
         With `model_fingerprint`, refuse a gallery enrolled with another model: its templates live in a
         different embedding space and would never match (or, worse, match the wrong person).
+        With `rollback_counter` (see FileRollbackCounter), refuse a gallery older than the last generation
+        the counter recorded, i.e. an old copy put back; every write then advances the counter.
         """
         path = Path(path)
         expected_fingerprint = None if model_fingerprint is None else _normalise_fingerprint(model_fingerprint)
         _require_one_secret(passphrase, key_file)
-        if not path.exists():
-            raise GalleryError(f"no gallery at {path}")
-        with _file_lock(path, exclusive=False, timeout=lock_timeout):
-            data = _read_gallery_bytes(path)
-            header = _Header.parse(data, path)
-            if header.kdf_id == KDF_SCRYPT and passphrase is None:
-                raise GalleryError(f"gallery {path} is protected by a passphrase, not a key file")
-            if header.kdf_id == KDF_KEY_FILE and key_file is None:
-                raise GalleryError(f"gallery {path} is protected by a key file, not a passphrase")
-            secret = _passphrase_bytes(passphrase) if passphrase is not None else _read_key_file(key_file)
-            key = _derive_key(header.kdf_id, header.scrypt, header.salt, secret)
-            state = _decrypt_state(data, header, key, path)
+        data = _read_gallery_bytes(Path(os.path.realpath(path)), path)
+        header = _Header.parse(data, path)
+        if header.kdf_id == KDF_SCRYPT and passphrase is None:
+            raise GalleryError(f"gallery {path} is protected by a passphrase, not a key file")
+        if header.kdf_id == KDF_KEY_FILE and key_file is None:
+            raise GalleryError(f"gallery {path} is protected by a key file, not a passphrase")
+        secret = _passphrase_bytes(passphrase) if passphrase is not None else _read_key_file(key_file)
+        key = _derive_key(header.kdf_id, header.scrypt, header.salt, secret)
+        state = _decrypt_state(data, header, key, path)
         if expected_fingerprint is not None and expected_fingerprint != state.model_fingerprint:
             raise GalleryError(
                 f"gallery was enrolled with model {state.model_fingerprint[:12]}, not "
                 f"{expected_fingerprint[:12]} ({path}); templates from different models cannot be "
                 "compared, so enrol the users again with this model")
-        return cls(path, key, header.kdf_id, header.scrypt, header.salt, state, lock_timeout)
+        gallery = cls(path, key, header.kdf_id, header.scrypt, header.salt, state, lock_timeout, rollback_counter)
+        gallery._check_rollback(state)
+        return gallery
 
     @staticmethod
     def generate_key_file(path: str | os.PathLike) -> Path:
@@ -279,8 +333,7 @@ class Gallery:
 
     def reload(self) -> None:
         """Refresh the snapshot from disk, picking up other processes' changes."""
-        with _file_lock(self._path, exclusive=False, timeout=self._lock_timeout):
-            self._state = self._read_current_state()
+        self._state = self._read_current_state()
 
     # --------------------------------------------------------------------------------------------- reads
     @property
@@ -290,6 +343,16 @@ class Gallery:
     @property
     def model_fingerprint(self) -> str:
         return self._state.model_fingerprint
+
+    @property
+    def generation(self) -> int:
+        """Write counter of the loaded version: 1 after create, +1 per write (0 for files from before it)."""
+        return self._state.generation
+
+    @property
+    def gallery_id(self) -> str:
+        """Stable identity of this gallery file across writes (derived from its per-gallery salt)."""
+        return hashlib.sha256(b"edge-mfr gallery id\0" + self._kdf_binding[2]).hexdigest()[:32]
 
     @property
     def embedding_size(self) -> int | None:
@@ -345,8 +408,9 @@ class Gallery:
 
         def apply(state: _State) -> None:
             if name in state.users and not replace:
-                raise GalleryError(f"user {name!r} already exists in gallery {self._path}; "
-                                   "pass replace=True to enrol them again")
+                raise GalleryError(f"user {name!r} already exists in gallery {self._path}; to enrol them "
+                                   "again, ask for it explicitly (--replace on the command line, "
+                                   "replace=True in Python)")
             _fix_embedding_size(state, rows)
             state.users[name] = _UserRecord(now, now, rows, records)
 
@@ -390,15 +454,34 @@ class Gallery:
         return name, record
 
     def _commit(self, apply: Callable[[_State], None]) -> None:
-        with _file_lock(self._path, exclusive=True, timeout=self._lock_timeout):
+        with _file_lock(self._file, exclusive=True, timeout=self._lock_timeout):
             state = self._read_current_state()
             apply(state)
             state.updated_at = _utc_now()
+            state.generation += 1
             self._write_state(state)
+            if self._rollback_counter is not None:
+                _advance_counter(self._rollback_counter, self.gallery_id, state.generation, self._path)
         self._state = state
 
+    def _check_rollback(self, state: _State) -> None:
+        """Refuse a version older than the counter's record; bring the counter up to a newer one."""
+        if self._rollback_counter is None:
+            return
+        try:
+            recorded = self._rollback_counter.load(self.gallery_id)
+        except OSError as exc:
+            raise GalleryError(f"cannot read the rollback counter for gallery {self._path}: {exc}") from exc
+        if recorded is not None and state.generation < recorded:
+            raise GalleryError(
+                f"gallery {self._path} is generation {state.generation}, older than generation {recorded} "
+                "recorded by its rollback counter: an old copy of the file was put back (a removed user "
+                "could be restored this way); refusing it")
+        if recorded is None or state.generation > recorded:
+            _advance_counter(self._rollback_counter, self.gallery_id, state.generation, self._path)
+
     def _read_current_state(self) -> _State:
-        data = _read_gallery_bytes(self._path)
+        data = _read_gallery_bytes(self._file, self._path)
         header = _Header.parse(data, self._path)
         if (header.kdf_id, header.scrypt, header.salt) != self._kdf_binding:
             raise GalleryError(f"gallery {self._path} was replaced by a different gallery since it was "
@@ -407,27 +490,107 @@ class Gallery:
         if state.model_fingerprint != self._state.model_fingerprint:
             raise GalleryError(f"gallery {self._path} was replaced by a gallery for model "
                                f"{state.model_fingerprint[:12]} since it was opened; open it again")
+        self._check_rollback(state)
         return state
 
     def _write_state(self, state: _State) -> None:
         """Encrypt `state` under a fresh nonce and atomically replace the file; caller holds the lock."""
         plaintext = _encode_payload(state)
+        if len(plaintext) + TAG_SIZE > MAX_GALLERY_BYTES:
+            raise GalleryError(f"gallery {self._path} would grow to {len(plaintext) + TAG_SIZE} bytes, above the "
+                               f"{MAX_GALLERY_BYTES >> 20} MiB limit; remove users or templates first")
         kdf_id, scrypt, salt = self._kdf_binding
         nonce = os.urandom(NONCE_SIZE)
         header = _Header(kdf_id, scrypt, salt, nonce, len(plaintext) + TAG_SIZE, state.model_fingerprint)
         header_bytes = header.pack()
         blob = header_bytes + AESGCM(self._key).encrypt(nonce, plaintext, header_bytes)
-        _remove_stale_temp_files(self._path)
+        _remove_stale_temp_files(self._file)
         try:
-            write_atomically(self._path, blob, prefix=_temp_prefix(self._path), suffix=_TEMP_SUFFIX)
+            write_atomically(self._file, blob, prefix=_temp_prefix(self._file), suffix=_TEMP_SUFFIX)
         except OSError as exc:
             raise GalleryError(f"could not write gallery {self._path} ({exc.strerror or exc}); "
                                "the previous version of the file is unchanged") from exc
         try:
-            _fsync_directory(self._path.parent)
+            _fsync_directory(self._file.parent)
         except OSError as exc:
             raise GalleryError(f"gallery {self._path} was written but syncing its directory failed "
                                f"({exc.strerror}); the change may not survive a power loss") from exc
+
+
+# ------------------------------------------------------------------------------------- rollback counter
+class RollbackCounter(Protocol):
+    """Where the last generation of a gallery is recorded, outside the gallery file.
+
+    Putting an old copy of the gallery file back restores removed users; the file's own authentication
+    cannot notice, because the old copy was genuine. A counter the attacker cannot roll back with the
+    file (a TPM NV counter, a keystore entry, a file on a separate protected partition) can: implement
+    these two methods over it, or use FileRollbackCounter.
+    """
+
+    def load(self, gallery_id: str) -> int | None:
+        """The last generation recorded for `gallery_id`, None if none; raise GalleryError if the counter
+        is bound to another gallery."""
+
+    def advance(self, gallery_id: str, generation: int, rebind: bool = False) -> None:
+        """Record `generation` for `gallery_id`, never lowering it; `rebind` (on create) replaces a
+        counter bound to another gallery."""
+
+
+class FileRollbackCounter:
+    """A RollbackCounter in a small JSON state file, written atomically; bind it to storage an attacker
+    who can replace the gallery file cannot also roll back (see docs/security.md)."""
+
+    FORMAT = "edge-mfr rollback counter"
+
+    def __init__(self, path: str | os.PathLike, lock_timeout: float = DEFAULT_LOCK_TIMEOUT_S):
+        self.path = Path(path)
+        self._lock_timeout = lock_timeout
+
+    def _read(self) -> dict | None:
+        try:
+            raw = _read_regular_file(self.path, 4096)
+        except FileNotFoundError:
+            return None
+        except _NotRegularFile as exc:
+            raise GalleryError(f"rollback counter {self.path}: {exc}") from None
+        try:
+            record = json.loads(raw.decode("utf-8"))
+            if (record.get("format") != self.FORMAT or not isinstance(record.get("gallery_id"), str)
+                    or not isinstance(record.get("generation"), int)):
+                raise ValueError("unexpected fields")
+        except (ValueError, AttributeError) as exc:
+            raise GalleryError(f"rollback counter {self.path} is malformed ({exc}); refusing to guess its "
+                               "value") from None
+        return record
+
+    def load(self, gallery_id: str) -> int | None:
+        record = self._read()
+        if record is None:
+            return None
+        if record["gallery_id"] != gallery_id:
+            raise GalleryError(f"rollback counter {self.path} belongs to gallery {record['gallery_id']}, not "
+                               f"{gallery_id}; if the gallery was re-created on purpose, remove the counter file")
+        return record["generation"]
+
+    def advance(self, gallery_id: str, generation: int, rebind: bool = False) -> None:
+        with _file_lock(self.path, exclusive=True, timeout=self._lock_timeout):
+            record = self._read()
+            if record is not None and record["gallery_id"] == gallery_id and record["generation"] >= generation:
+                return
+            if record is not None and record["gallery_id"] != gallery_id and not rebind:
+                self.load(gallery_id)  # raises the mismatch error
+            data = json.dumps({"format": self.FORMAT, "gallery_id": gallery_id, "generation": generation})
+            write_atomically(self.path, data.encode("utf-8") + b"\n")
+            _fsync_directory(self.path.parent)
+
+
+def _advance_counter(counter: RollbackCounter, gallery_id: str, generation: int, path: Path,
+                     reset: bool = False) -> None:
+    try:
+        counter.advance(gallery_id, generation, rebind=reset)
+    except OSError as exc:
+        raise GalleryError(f"gallery {path} is at generation {generation} but its rollback counter could not "
+                           f"record it ({exc.strerror or exc})") from exc
 
 
 # ------------------------------------------------------------------------------------------ validation
@@ -545,9 +708,11 @@ def _passphrase_bytes(passphrase: str | bytes) -> bytes:
 def _read_key_file(key_file: str | os.PathLike) -> bytes:
     path = Path(key_file)
     try:
-        raw = path.read_bytes()
+        raw = _read_regular_file(path, MAX_KEY_FILE_BYTES)
     except OSError as exc:
         raise GalleryError(f"cannot read key file {path}: {exc.strerror}") from exc
+    except _NotRegularFile as exc:
+        raise GalleryError(f"cannot read key file {path}: {exc}") from None
     if len(raw) == KEY_SIZE:
         return raw
     if _HEX_KEY_PATTERN.fullmatch(raw.strip()):
@@ -578,6 +743,7 @@ def _encode_payload(state: _State) -> bytes:
         "created_at": state.created_at,
         "updated_at": state.updated_at,
         "num_rows": first_row,
+        "generation": state.generation,
         "users": users,
     }, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     matrix = b"".join(record.templates.astype("<f4").tobytes() for record in state.users.values())
@@ -620,8 +786,11 @@ def _decode_payload(plaintext: bytes, path: Path) -> _State:
                 raise ValueError(f"user {entry['name']!r} owns rows {first}..{first + count - 1} of {num_rows}")
             users[entry["name"]] = _UserRecord(entry["enrolled_at"], entry["updated_at"],
                                                matrix[first:first + count], entry["templates"])
+        generation = metadata.get("generation", 0)
+        if not isinstance(generation, int) or generation < 0:
+            raise ValueError(f"generation {generation!r}")
         return _State(metadata["model_fingerprint"], embedding_size, metadata["created_at"],
-                      metadata["updated_at"], users)
+                      metadata["updated_at"], users, generation)
     except (KeyError, TypeError, ValueError, struct.error) as exc:
         raise GalleryError(f"gallery {path} decrypted but its payload is malformed ({exc})") from None
 
@@ -640,10 +809,14 @@ def _file_lock(path: Path, exclusive: bool, timeout: float) -> Iterator[None]:
     """Hold a flock on `path`.lock; polls so that a stuck holder becomes a clear error, not a hang."""
     lock_path = _lock_path(path)
     try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        # O_NOFOLLOW: a symlink planted at the lock path must not make us create or lock another file.
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
     except OSError as exc:
-        raise GalleryError(f"cannot open lock file {lock_path}: {exc.strerror}") from exc
+        reason = "it is a symlink" if exc.errno == errno.ELOOP else exc.strerror
+        raise GalleryError(f"cannot open lock file {lock_path}: {reason}") from exc
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise GalleryError(f"lock file {lock_path} is not a regular file; refusing to use it")
         operation = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
         deadline = time.monotonic() + timeout
         while True:
@@ -660,13 +833,43 @@ def _file_lock(path: Path, exclusive: bool, timeout: float) -> Iterator[None]:
         os.close(fd)  # closing the descriptor releases the lock
 
 
-def _read_gallery_bytes(path: Path) -> bytes:
+class _NotRegularFile(Exception):
+    pass
+
+
+def _read_regular_file(path: Path, max_bytes: int, header_check: Callable[[bytes, int], None] | None = None) -> bytes:
+    """At most `max_bytes` (+1, to notice growth) of a regular file, opened without blocking.
+
+    A FIFO, a device (/dev/zero) or a directory raises _NotRegularFile instead of hanging or filling
+    memory. `header_check(first bytes, file size)` may refuse the file before the rest is read.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise _NotRegularFile("not a regular file (a FIFO, device or directory)")
+        head = b""
+        if header_check is not None:
+            head = handle.read(HEADER_SIZE)
+            header_check(head, info.st_size)
+        return head + handle.read(max_bytes + 1 - len(head))
+
+
+def _read_gallery_bytes(file: Path, shown: Path | None = None) -> bytes:
+    """The whole gallery file, bounded by the size its header declares (at most MAX_GALLERY_BYTES)."""
+    shown = shown or file
+
+    def check_header(head: bytes, size: int) -> None:
+        _Header.parse(head, shown, file_size=size)
+
     try:
-        return path.read_bytes()
+        return _read_regular_file(file, HEADER_SIZE + MAX_GALLERY_BYTES, check_header)
     except FileNotFoundError:
-        raise GalleryError(f"no gallery at {path}") from None
+        raise GalleryError(f"no gallery at {shown}") from None
     except OSError as exc:
-        raise GalleryError(f"cannot read gallery {path}: {exc.strerror}") from exc
+        raise GalleryError(f"cannot read gallery {shown}: {exc.strerror}") from exc
+    except _NotRegularFile as exc:
+        raise GalleryError(f"cannot read gallery {shown}: {exc}; refusing it") from None
 
 
 def _temp_prefix(path: Path) -> str:

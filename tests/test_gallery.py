@@ -278,8 +278,9 @@ def test_payload_holds_only_templates_and_metadata(tmp_path):
     (metadata_length,) = struct.unpack_from("<I", plaintext)
     metadata = json.loads(plaintext[4:4 + metadata_length])
     assert set(metadata) == {"schema", "model_fingerprint", "embedding_size", "created_at", "updated_at",
-                             "num_rows", "users"}
+                             "num_rows", "generation", "users"}
     assert (metadata["model_fingerprint"], metadata["num_rows"], metadata["embedding_size"]) == (MODEL_A, 5, DIM)
+    assert metadata["generation"] == 3 == gallery.generation  # create, then two writes
     for user in metadata["users"]:
         assert set(user) == {"name", "enrolled_at", "updated_at", "first_row", "templates"}
         for info in user["templates"]:
@@ -336,14 +337,15 @@ def test_next_write_removes_temp_files_of_a_killed_writer(tmp_path):
     assert not stale.exists() and unrelated.exists()
 
 
-def test_writes_wait_for_the_lock_and_time_out(tmp_path):
+def test_writes_wait_for_the_lock_and_time_out_while_reads_go_on(tmp_path):
     gallery = open_gallery(with_one_user(tmp_path).path, lock_timeout=0.2)
     with open(f"{gallery.path}.lock", "a") as holder:
         fcntl.flock(holder, fcntl.LOCK_EX)
         with pytest.raises(GalleryError, match="locked by another process"):
             gallery.add_user("bob", unit_rows(1, 1))
-        with pytest.raises(GalleryError, match="locked by another process"):
-            open_gallery(gallery.path, lock_timeout=0.2)
+        # Readers take no lock: the atomic rename means they always see one whole version.
+        assert open_gallery(gallery.path, lock_timeout=0.2).users() == ["alice"]
+        gallery.reload()
     assert gallery.users() == ["alice"]
 
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import os
 import sys
+import traceback
 
 from .. import __version__
 from ..errors import EdgeMfrError
@@ -31,11 +34,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except EdgeMfrError as exc:
-        print(f"edge-mfr {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return _error(args, str(exc))
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 2
+        return _error(args, "interrupted")
+    except MemoryError:
+        return _error(args, "out of memory (the input is too large for the memory this process may use)")
+    except Exception as exc:
+        # Any other failure is still an error (2), never a rejection (1), and is reported in one line;
+        # EDGE_MFR_TRACEBACK=1 shows the traceback to whoever debugs it.
+        if os.environ.get("EDGE_MFR_TRACEBACK") == "1":
+            traceback.print_exc()
+        return _error(args, f"unexpected {type(exc).__name__}: {exc}")
+
+
+def _error(args, message: str) -> int:
+    """Exit code 2 with one line on stderr (and a JSON object on stdout under --json)."""
+    message = " ".join(message.split())[:1000]
+    if getattr(args, "json", None) is True:  # `eval --json` takes a path, not a flag
+        print(json.dumps({"decision": "error", "error": message, "exit_code": 2}))
+    print(f"edge-mfr {args.command}: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":
