@@ -34,7 +34,7 @@ def main() -> None:
     people = sorted(d for d in LFW.iterdir() if len(list(d.glob("*.jpg"))) >= 3 + args.probes)
     people = [people[i] for i in sorted(rng.choice(len(people), args.identities, replace=False))]
     with tempfile.TemporaryDirectory() as tmp:
-        systems = {agg: FaceUnlock(model=args.model, gallery=Path(tmp) / f"{agg}.emfr", passphrase="bench",
+        systems = {agg: FaceUnlock(model=args.model, gallery=Path(tmp) / f"{agg}.emfr", passphrase="benchmark passphrase",
                                    fmr=args.fmr, aggregation=agg) for agg in ("max", "mean")}
         enroller = systems["max"]
         probes = []
