@@ -116,6 +116,18 @@ def test_gate_measurements_are_recorded_in_the_int8_metadata(quantized):
     assert accuracy["pairs"] == 20 and accuracy["um"]["eer"] == lfw["int8"]["um"]["eer"]
 
 
+def test_models_list_shows_size_complexity_precision_and_recorded_accuracy(quantized, capsys):
+    _, package = quantized
+    code, out, _ = run_cli(["models", "list", "--json", "--dir", str(package.onnx_path.parent)], capsys)
+    assert code == 0
+    rows = {row["name"]: row for row in json.loads(out)["packages"]}
+    int8, fp32 = rows["dlib_resnet_v1_int8"], rows["dlib_resnet_v1"]
+    assert int8["precision"] == "int8 QDQ (ort)" and fp32["precision"] == "fp32"
+    assert int8["size_bytes"] == package.onnx_path.stat().st_size < fp32["size_bytes"] / 3
+    assert int8["params"] == fp32["params"] > 0 and int8["gmacs"] == fp32["gmacs"] > 0
+    assert int8["lfw"]["pairs"] == 20 and int8["lfw"]["um"] == package.meta["accuracy"]["lfw"]["um"]
+
+
 def test_gate_refuses_an_int8_model_beyond_a_bound_with_exit_2(teacher, data_dir, tmp_path, capsys):
     """No INT8 graph matches FP32 exactly, so a mean cosine of 1.0 cannot be met: exit 2, nothing written,
     and an earlier package in the output folder is left alone."""

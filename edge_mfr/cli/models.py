@@ -29,6 +29,32 @@ def _thresholds_text(thresholds: dict[str, float]) -> str:
     return ", ".join(f"FMR {key}" for key in sorted(thresholds, key=float))
 
 
+def _precision(meta: dict) -> str:
+    quantization = (meta.get("recipe") or {}).get("quantization")
+    if not quantization:
+        return "fp32"
+    return f"int8 {quantization.get('format', '')} ({quantization.get('method', '?')})".replace("  ", " ")
+
+
+def _complexity(package) -> tuple[int | None, int | None]:
+    """(params, MACs per face): recorded in the sidecar when the package was made, else counted on the graph."""
+    recorded = package.meta.get("complexity") or {}
+    if "params" in recorded and "macs" in recorded:
+        return int(recorded["params"]), int(recorded["macs"])
+    try:
+        from ..models.complexity import onnx_complexity
+    except ImportError:  # onnx is an extra; the listing still works without the counts
+        return None, None
+    report = onnx_complexity(package.onnx_path)
+    return report.params, report.macs
+
+
+def _lfw_accuracy(meta: dict) -> dict:
+    """{"uu": {"accuracy", "eer"}, "um": ..., "pairs": N} from the sidecar's `accuracy.lfw` record, if any."""
+    lfw = (meta.get("accuracy") or {}).get("lfw") or {}
+    return {key: lfw[key] for key in ("uu", "um", "mm", "pairs", "subset", "measured_by") if key in lfw}
+
+
 def _list(args) -> int:
     from ..models.package import BUNDLED_DIR, load_package
 
@@ -39,21 +65,34 @@ def _list(args) -> int:
         for onnx_path in sorted(folder.glob("*.onnx")) if folder.is_dir() else []:
             try:
                 package = load_package(onnx_path, check_graph=False)
+                params, macs = _complexity(package)
             except EdgeMfrError as exc:
                 broken.append(f"{onnx_path}: {exc}")
                 continue
-            rows.append({"origin": origin, **package.summary()})
+            rows.append({"origin": origin, **package.summary(), "size_bytes": onnx_path.stat().st_size,
+                         "params": params, "gmacs": None if macs is None else macs / 1e9,
+                         "backend": "onnxruntime", "precision": _precision(package.meta),
+                         "lfw": _lfw_accuracy(package.meta)})
     if args.json:
         print(json.dumps({"packages": rows, "errors": broken}, indent=2))
     else:
-        print(f"{'name':20s} {'origin':9s} {'architecture':22s} {'fingerprint':12s} {'input':>7s} {'dim':>4s}  "
-              "thresholds")
+        print(f"{'name':28s} {'origin':9s} {'architecture':22s} {'precision':16s} {'size':>8s} {'params':>7s} "
+              f"{'GMACs':>6s} {'input':>7s} {'dim':>4s}  {'LFW U-U':>14s} {'LFW U-M':>14s} {'pairs':>5s}  thresholds")
         for row in rows:
             h, w = row["input_size"]
-            print(f"{row['name']:20s} {row['origin']:9s} {row['architecture']:22s} {row['fingerprint']:12s} "
-                  f"{f'{h}x{w}':>7s} {row['embedding_size']:4d}  {_thresholds_text(row['thresholds'])}")
+            params = "-" if row["params"] is None else f"{row['params'] / 1e6:.2f}M"
+            gmacs = "-" if row["gmacs"] is None else f"{row['gmacs']:.3f}"
+            lfw = [f"{100 * row['lfw'][s]['accuracy']:.2f}% EER {100 * row['lfw'][s]['eer']:.2f}"
+                   if s in row["lfw"] else "-" for s in ("uu", "um")]
+            print(f"{row['name']:28s} {row['origin']:9s} {row['architecture']:22s} {row['precision']:16s} "
+                  f"{row['size_bytes'] / 2**20:6.2f}MB {params:>7s} {gmacs:>6s} {f'{h}x{w}':>7s} "
+                  f"{row['embedding_size']:4d}  {lfw[0]:>14s} {lfw[1]:>14s} {row['lfw'].get('pairs', '-'):>5}  "
+                  f"{_thresholds_text(row['thresholds'])}")
         if not rows:
             print(f"(no packages in {', '.join(str(folder) for _, folder in sources)})")
+        elif any(row["lfw"] for row in rows):
+            print("LFW: accuracy and EER from each package's own metadata (accuracy.lfw: pairs and protocol "
+                  "there; `edge-mfr models info NAME`); '-' where none is recorded")
     for line in broken:
         print(f"edge-mfr models list: broken package {line}", file=sys.stderr)
     return 2 if broken else 0
@@ -158,7 +197,8 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("models", help="list, inspect, import and export model packages")
     commands = parser.add_subparsers(dest="models_command", metavar="ACTION", required=True)
 
-    listing = commands.add_parser("list", help="bundled and installed packages")
+    listing = commands.add_parser("list", help="bundled and installed packages: size, params, GMACs, precision, "
+                                               "LFW accuracy recorded in their metadata")
     listing.add_argument("--dir", action="append", default=[], help="also list packages in this folder")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     listing.set_defaults(func=_list)

@@ -199,8 +199,14 @@ def quantize_package(package: ModelPackage, out_dir: str | Path,
             "agreement_on_calibration_faces": agreement,
         }
         meta = {key: value for key, value in package.meta.items()
-                if key not in ("fingerprint", "thresholds", "calibration", "accuracy")}
-        meta.update(name=name, recipe=recipe, thresholds={}, calibration={})
+                if key not in ("fingerprint", "thresholds", "calibration", "accuracy", "complexity")}
+        # The same network as its source: params and MACs are the fp32 graph's (the QDQ graph's initializers
+        # also hold quantization scales and zero points, which are not parameters).
+        from ..models.complexity import onnx_complexity
+
+        counts = onnx_complexity(package.onnx_path)
+        meta.update(name=name, recipe=recipe, thresholds={}, calibration={},
+                    complexity={"params": counts.params, "macs": counts.macs, "counted_on": "fp32 source graph"})
         candidate = save_package(quantized, meta)
 
         if gate is not None:
