@@ -13,7 +13,7 @@ from .. import __version__
 from ..errors import EdgeMfrError
 
 # Each module exposes register(subparsers); handlers return the exit code (0 ok/accepted, 1 rejected, 2 error).
-COMMAND_MODULES = ("doctor", "demo", "unlock", "mask", "eval", "models", "quantize", "bench")
+COMMAND_MODULES = ("doctor", "demo", "unlock", "mask", "eval", "models", "quantize", "bench", "kiosk")
 
 
 def build_parser() -> argparse.ArgumentParser:
