@@ -16,7 +16,7 @@ import numpy as np
 from .detect import DEFAULT_DETECTOR, Detection, get_detector
 from .embed import FaceEmbedder
 from .errors import GalleryError, InputError, QualityError
-from .gallery import Gallery
+from .gallery import Gallery, RollbackCounter
 from .match import AGGREGATIONS, Candidate, aggregate, cosine_scores, rank_users
 from .models.package import ModelPackage
 from .quality import QualityPolicy, QualityReport, assess
@@ -135,6 +135,9 @@ class FaceUnlock:
         verify_policy: QualityPolicy | None = None,
         mask_synthesizer: MaskSynthesizer | None = synthesize_masked_copies,
         seed: int = 0,
+        *,
+        candidates_on_rejection: bool = False,
+        rollback_counter: RollbackCounter | None = None,
     ):
         if aggregation not in AGGREGATIONS:
             raise InputError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
@@ -155,6 +158,9 @@ class FaceUnlock:
         self.seed = seed
         self.gallery_path = Path(gallery) if gallery is not None else None
         self._secret = {"passphrase": passphrase, "key_file": key_file}
+        # Off by default: a rejected probe must not tell a stranger who is enrolled (docs/security.md).
+        self.candidates_on_rejection = candidates_on_rejection
+        self._rollback_counter = rollback_counter
         self._gallery: Gallery | None = None
 
     @property
@@ -169,13 +175,15 @@ class FaceUnlock:
                 if not create:
                     raise GalleryError(f"{self.gallery_path}: no gallery here yet; enroll someone first")
                 try:
-                    self._gallery = Gallery.create(self.gallery_path, self.package.fingerprint, **self._secret)
+                    self._gallery = Gallery.create(self.gallery_path, self.package.fingerprint,
+                                                   rollback_counter=self._rollback_counter, **self._secret)
                 except GalleryError:
                     if not self.gallery_path.exists():
                         raise
                     # Another process created it first: join that gallery instead.
             if self._gallery is None:
-                self._gallery = Gallery.open(self.gallery_path, model_fingerprint=self.package.fingerprint, **self._secret)
+                self._gallery = Gallery.open(self.gallery_path, model_fingerprint=self.package.fingerprint,
+                                             rollback_counter=self._rollback_counter, **self._secret)
         return self._gallery
 
     # -- stages -------------------------------------------------------------------------------
@@ -211,7 +219,9 @@ class FaceUnlock:
         """
         rng = np.random.default_rng(self.seed)
         templates, info, accepted, refused = [], [], [], {}
-        captures = []
+        # Synthetic masked templates are made as each capture is accepted, so that no frame is kept and
+        # memory does not grow with the number of captures; they are dropped if a real masked one turns up.
+        synthetic_templates, synthetic_info = [], []
         for label, frame in frames:
             cap = self.capture(frame, self.enroll_policy, label)
             if cap.faces_found == 0:
@@ -223,21 +233,22 @@ class FaceUnlock:
                 refused[label] = list(cap.quality.reasons)
             else:
                 accepted.append(label)
-                captures.append((frame, cap))
                 templates.append(cap.embedding)
                 info.append({"source": Path(label).name, "masked": bool(cap.quality.masked), "synthetic": False,
                              "quality": cap.quality.to_dict()})
+                if self.mask_synthesizer is not None and not any(i["masked"] for i in info):
+                    for mask_type, masked in self.mask_synthesizer(frame, cap.detection.landmarks, rng):
+                        synthetic_templates.append(self.embedder.embed_faces(masked, cap.detection.landmarks[None])[0])
+                        synthetic_info.append({"source": Path(cap.source).name, "masked": True, "synthetic": True,
+                                               "mask_type": mask_type})
+            del frame  # let the next capture's decode reuse this one's memory
         if len(accepted) < min_captures:
             details = "; ".join(f"{k}: {', '.join(v)}" for k, v in refused.items())
             raise QualityError(f"enrollment of {user!r} needs {min_captures} good capture(s), got {len(accepted)} ({details})",
                                [r for v in refused.values() for r in v])
-        if self.mask_synthesizer is not None and not any(i["masked"] for i in info):
-            for frame, cap in captures:
-                for mask_type, masked in self.mask_synthesizer(frame, cap.detection.landmarks, rng):
-                    emb = self.embedder.embed_faces(masked, cap.detection.landmarks[None])[0]
-                    templates.append(emb)
-                    info.append({"source": Path(cap.source).name, "masked": True, "synthetic": True,
-                                 "mask_type": mask_type})
+        if not any(i["masked"] for i in info):
+            templates += synthetic_templates
+            info += synthetic_info
         gallery = self.gallery(create=True)
         gallery.add_user(user, np.stack(templates).astype(np.float32), info, replace=replace)
         return EnrollReport(user, accepted, refused, len(templates), sum(i["masked"] for i in info),
@@ -275,8 +286,13 @@ class FaceUnlock:
         return Decision(accepted, reason, user, score, threshold, self.fmr, source, cap.faces_found,
                         cap.quality.to_dict(), latency_ms=_with_total(latency))
 
-    def identify(self, frame: np.ndarray, source: str = "frame", top_k: int = 3) -> Decision:
-        """1:N: who, of everyone enrolled, is the largest face in `frame` (if anyone)?"""
+    def identify(self, frame: np.ndarray, source: str = "frame", top_k: int = 3, *,
+                 candidates_on_rejection: bool | None = None) -> Decision:
+        """1:N: who, of everyone enrolled, is the largest face in `frame` (if anyone)?
+
+        A rejected decision lists no candidates (nearest enrolled names and scores) unless
+        `candidates_on_rejection` (default: the instance's setting, off) asks for them.
+        """
         gallery = self.gallery()
         names, templates = gallery.all_templates()
         cap = self.capture(frame, self.verify_policy, source)
@@ -292,9 +308,12 @@ class FaceUnlock:
         best = ranked[0]
         threshold = self.threshold_for(cap)
         accepted = best.score >= threshold
+        if candidates_on_rejection is None:
+            candidates_on_rejection = self.candidates_on_rejection
+        candidates = ranked[:top_k] if accepted or candidates_on_rejection else []
         return Decision(accepted, "match" if accepted else "nobody enrolled scores above threshold",
                         best.user if accepted else None, best.score, threshold, self.fmr, source,
-                        cap.faces_found, cap.quality.to_dict(), ranked[:top_k], _with_total(latency))
+                        cap.faces_found, cap.quality.to_dict(), candidates, _with_total(latency))
 
     def verify_stream(self, user: str, frames: Iterable[tuple[str, np.ndarray]]) -> Decision:
         """Verify over several frames (video, camera): the first accepted frame, else the best-scoring one."""

@@ -89,10 +89,11 @@ def test_identify_names_the_enrolled_person_and_nobody_else(enrolled):
     probe = load_image(sorted(DEMO.glob("person_a_*.jpg"))[-1])
     decision = unlock.identify(probe)
     assert decision.accepted and decision.user == "alice"
-    masked = unlock.identify(_masked(probe, mask_type="kn95"))
+    masked = unlock.identify(_masked(probe, mask_type="kn95"), candidates_on_rejection=True)
     assert masked.candidates[0].user == "alice"
     stranger = unlock.identify(load_image(DEMO / "person_c_1.jpg"))
     assert not stranger.accepted and stranger.user is None
+    assert stranger.candidates == []  # a rejected probe learns nobody's name unless the operator opts in
 
 
 def test_readme_demo_enrolls_unlocks_masked_and_refuses_others(tmp_path, cli_env, capsys):
