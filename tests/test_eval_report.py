@@ -59,9 +59,34 @@ def test_markdown_table_has_a_row_per_model_and_scenario(two_models_report):
     assert f"{100 * first['eer']:.2f} [" in rows[0]
     # 200 impostors: FMR100 is marginal (†), FMR1000 and TPR@FAR=0.1% are not supported.
     cells = rows[0].split(" | ")
-    assert cells[7].endswith("†") and cells[8] == "n/s" and cells[10] == "n/s"
+    assert cells[2] == "none"
+    assert cells[8].endswith("†") and cells[9] == "n/s" and cells[11] == "n/s"
     assert "3 (0.75%)" in rows[0]
     assert "um = unmasked vs masked probe" in table and "masks: template" in table
+
+
+def test_detector_misses_are_reported_counted_and_excluded(two_models_report, tmp_path):
+    """Misses scored at the fallback landmarks give a second set of metrics and a second table row."""
+    result = two_models_report["results"][1]
+    missed = result["pairs"][10:14]
+    for pair in missed:
+        pair["miss"], pair["fallback_score"], pair["score"] = True, 0.0, None
+    result["n_scored"] -= len(missed)
+    result["detector_misses"] = {"pairs": 4, "reference_images": 1, "probe_images": 3, "images": []}
+    result["n_scored_misses_counted"] = result["n_scored"] + len(missed)
+    excluded, labels = report.scored_pairs(result)
+    counted, counted_labels = report.scored_pairs(result, misses_counted=True)
+    assert counted.size == excluded.size + 4 and np.count_nonzero(counted == 0.0) >= 4
+    result["metrics"] = metrics.evaluate(excluded, labels, n_resamples=0)
+    result["metrics_misses_counted"] = metrics.evaluate(counted, counted_labels, n_resamples=0)
+    assert report.headline_metrics(result) is result["metrics_misses_counted"]
+    rows = [line for line in report.markdown_table(two_models_report).splitlines() if line.startswith("| small | um")]
+    assert len(rows) == 2
+    assert " | 4 pairs (4 img): counted | 397 | 3 (0.75%) | " in rows[0]
+    assert " | 4 pairs: excluded | 393 | 7 (1.75%) | " in rows[1]
+    assert f"{100 * result['metrics_misses_counted']['eer']:.2f}" in rows[0]
+    assert f"{100 * result['metrics']['eer']:.2f}" in rows[1]
+    assert report.plot_det(two_models_report, tmp_path)
 
 
 def test_plots_are_written(tmp_path, two_models_report):

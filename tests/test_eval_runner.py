@@ -12,7 +12,8 @@ from edge_mfr.errors import InputError
 from edge_mfr.eval import report
 from edge_mfr.eval.pairs import read_pairs
 from edge_mfr.eval.runner import (CENTRED, DETECTED, NO_FACE, UNREADABLE, EmbeddingExtractor, FaceLocator,
-                                  MaskPolicy, centred_landmarks, evaluate_pairs, image_seed, looks_like_face_crop)
+                                  MaskPolicy, centred_landmarks, evaluate_pairs, image_seed, looks_like_face_crop,
+                                  pick_face)
 
 N_PAIRS = 20
 
@@ -103,13 +104,25 @@ def test_end_to_end_on_real_lfw_pairs(tmp_path, lfw_subset, model_package, masks
     unmasked = result["images"]["unmasked"]
     assert unmasked["failures"] == {UNREADABLE: [unreadable_key], NO_FACE: [no_face_key]}
     assert unmasked["detected"] + unmasked["centred_fallback"] == unmasked["n_images"] - 2
+    assert unmasked["detector_misses"] == 1
+    # The fixed fallback is the mean landmarks of the located LFW faces: eyes above the mouth, mid-frame.
+    fallback = np.array(unmasked["fallback_landmarks"])
+    assert 0.3 < fallback[:, 0].mean() < 0.7 and fallback[0, 1] < fallback[3, 1]
+    assert result["face"] == "centre" and result["landmarks"] == "masked" and result["detector"]
     assert [r["scenario"] for r in result["results"]] == ["uu", "um", "mm"]
     for entry in result["results"]:
-        # The two failed images are probes: their pairs are failures-to-enrol, reported and not scored.
+        # The two failed images are probes. Excluded: neither pair is scored. Counted: the detector miss is
+        # scored at the fallback landmarks; the unreadable image stays unscored.
         assert entry["fte_pairs"] == 2 and entry["n_scored"] == N_PAIRS - 2
         assert set(entry["fte_images"]) == {unreadable_key, no_face_key}
+        misses = entry["detector_misses"]
+        assert misses["pairs"] == 1 and misses["probe_images"] >= 1 and no_face_key in misses["images"]
         unscored = [p for p in entry["pairs"] if p["score"] is None]
         assert {p["second"] for p in unscored} == {unreadable_key, no_face_key}
+        missed = [p for p in entry["pairs"] if p.get("miss")]
+        assert {p["second"] for p in missed} >= {no_face_key} and all(p["fallback_score"] is not None for p in missed)
+        assert entry["n_scored_misses_counted"] == N_PAIRS - 1
+        assert entry["metrics_misses_counted"]["n_pairs"] == N_PAIRS - 1
         m = entry["metrics"]
         assert m["n_pairs"] == N_PAIRS - 2
         assert 0.5 < m["auc"] <= 1.0 and 0 <= m["eer"] < 0.5
@@ -123,7 +136,8 @@ def test_end_to_end_on_real_lfw_pairs(tmp_path, lfw_subset, model_package, masks
     report.write_json(result, tmp_path / "report.json")
     assert report.load_json(tmp_path / "report.json")["results"][1]["scenario"] == "um"
     table = report.write_markdown(result, tmp_path / "table.md").read_text()
-    assert table.count(f"| {model_package.name} |") == 3
+    # Two rows per scenario with a detector miss: counted, then excluded.
+    assert table.count(f"| {model_package.name} |") == 6 and table.count("1 pairs: excluded") == 3
     plots = report.plot_det(result, tmp_path / "plots") + [report.plot_score_distributions(result, tmp_path / "plots")]
     assert all(p.stat().st_size > 0 for p in plots)
 
@@ -138,7 +152,7 @@ def test_end_to_end_on_real_lfw_pairs(tmp_path, lfw_subset, model_package, masks
     # Touching one image invalidates only its own cache entries.
     touched = pair_set.pairs[1].first
     os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 1_000_000_000))
-    extractor = EmbeddingExtractor([model_package], cache_dir=cache, progress=False)
+    extractor = EmbeddingExtractor([model_package], cache_dir=cache, face="centre", progress=False)
     images = list(dict.fromkeys((p.first, p.first_key) for p in pair_set.pairs[:4]))
     embedded = extractor.extract(images, masked=False)
     assert embedded.cache_hits == len(images) - 1
@@ -148,3 +162,42 @@ def test_unknown_scenario_is_refused(lfw_dir, model_package):
     pair_set = read_pairs(lfw_dir / "pairs.txt", lfw_dir / "images", limit=2)
     with pytest.raises(InputError, match="scenarios must be among"):
         evaluate_pairs(pair_set, [model_package], scenarios=["xx"], progress=False)
+
+
+def test_face_rule_picks_the_centred_subject_over_a_larger_background_face(lfw_dir):
+    """Alejandro_Avila_0003: a larger face at the top right of the frame, the subject in the middle."""
+    path = lfw_dir / "images" / "Alejandro_Avila" / "Alejandro_Avila_0003.jpg"
+    image = cv2.imread(str(path))
+    largest, _ = FaceLocator(face="largest").locate(image, path)
+    centre, _ = FaceLocator(face="centre").locate(image, path)
+    assert 80 < centre[:, 0].mean() < 170 and 80 < centre[:, 1].mean() < 170
+    assert largest[:, 0].mean() > 170  # the background face
+    with pytest.raises(InputError, match="face rule"):
+        FaceLocator(face="biggest")
+    assert pick_face([], image.shape, "centre") is None
+
+
+def test_masked_images_are_detected_afresh_and_misses_get_the_fallback(lfw_dir, model_package, masks_module):
+    """Roseanne_Barr_0001 with a surgical mask: the detector no longer finds the face (a real miss)."""
+    keys = ["Roseanne_Barr/Roseanne_Barr_0001", "Zico/Zico_0001", "Zico/Zico_0002"]
+    images = [(lfw_dir / "images" / f"{key}.jpg", key) for key in keys]
+    unmasked = EmbeddingExtractor([model_package], mask_family="surgical", face="centre", progress=False)
+    plain = unmasked.extract(images, masked=False)
+    assert plain.status == [DETECTED] * 3 and not plain.misses.any()
+
+    afresh = EmbeddingExtractor([model_package], mask_family="surgical", face="centre", progress=False)
+    masked = afresh.extract(images, masked=True)
+    assert masked.status[0] == "masked_no_face" and masked.status[1:] == [DETECTED] * 2
+    assert np.isnan(masked.embeddings[0][0]).all() and np.isfinite(masked.fallback[0][0]).all()
+    np.testing.assert_allclose(masked.fallback_landmarks, np.round(masked.landmarks[1:].mean(axis=0), 4))
+    assert np.isfinite(masked.with_misses_counted(0)).all()
+    # Re-detected on the masked picture: close to, but not exactly, the unmasked landmarks.
+    shift = np.abs(masked.landmarks[1:] - plain.landmarks[1:]).max()
+    assert 0 < shift < 0.05
+
+    kept = EmbeddingExtractor([model_package], mask_family="surgical", face="centre", landmarks="unmasked",
+                              progress=False).extract(images, masked=True)
+    assert kept.status == [DETECTED] * 3
+    np.testing.assert_array_equal(kept.landmarks, plain.landmarks)
+    with pytest.raises(InputError, match="landmarks must be one of"):
+        EmbeddingExtractor([model_package], landmarks="guessed", progress=False)

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from edge_mfr.errors import InputError
-from edge_mfr.eval.runner import SCENARIOS
+from edge_mfr.eval.runner import FACE_RULES, LANDMARK_SOURCES, SCENARIOS
 
 
 def _default_cache_dir() -> Path:
@@ -22,6 +22,9 @@ def _add_common(parser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the per-image mask draws and the bootstrap")
     parser.add_argument("--aligned", action="store_true",
                         help="images are crops aligned to the ArcFace 112 template: skip detection")
+    parser.add_argument("--detector", default=None, metavar="NAME",
+                        help="face detector (see edge_mfr.detect.available_detectors()); default: the one FaceUnlock "
+                             "uses, with its settings")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help=f"embedding cache (default {_default_cache_dir()})")
     parser.add_argument("--no-cache", action="store_true", help="neither read nor write cached embeddings")
@@ -68,6 +71,14 @@ def register(subparsers) -> None:
                                "glint24/LFW_OVERLAP.txt for an identity-disjoint LFW result")
     evaluate.add_argument("--missing", choices=("error", "skip"), default="error",
                           help="missing images: stop with a list, or skip (and count) their pairs")
+    evaluate.add_argument("--face", choices=FACE_RULES, default="centre",
+                          help="which detected face is the subject: the one nearest the image centre (default: "
+                               "LFW-style sets centre their subject, and a larger face in the background is not "
+                               "them) or the largest (as FaceUnlock picks in a camera frame)")
+    evaluate.add_argument("--landmarks", choices=LANDMARK_SOURCES, default="masked",
+                          help="masked images: detect the face afresh on the masked image, as FaceUnlock does "
+                               "(default), or reuse the unmasked image's landmarks (scenarios then differ only in "
+                               "the mask)")
     evaluate.add_argument("--bootstrap", type=int, default=1000, metavar="N",
                           help="bootstrap resamples for confidence intervals (0: none)")
     _add_common(evaluate)
@@ -77,11 +88,15 @@ def register(subparsers) -> None:
         "calibrate", help="thresholds for target FMRs from a labelled image set, written into the model package",
         description="Compare every image of a labelled set with every other, choose the threshold meeting each "
                     "target FMR, and store them in the package sidecar. Use identities disjoint from any test "
-                    "set and from the model's training data.")
+                    "set and from the model's training data: a folder (or split) that the package's recipe "
+                    "lists in train_data is refused.")
     calibrate.add_argument("--model", required=True, type=Path, metavar="PACKAGE", help="model package to calibrate")
     calibrate.add_argument("--images", required=True, type=Path,
                            help="labelled images: one subfolder per identity, or files named by --identities")
-    calibrate.add_argument("--identities", type=Path, help="'FILE IDENTITY' lines, FILE relative to --images")
+    calibrate.add_argument("--identities", type=Path,
+                           help="'FILE IDENTITY [SPLIT]' lines, FILE relative to --images")
+    calibrate.add_argument("--split", default=None,
+                           help="use only the --identities lines of this split (third column), e.g. calib")
     calibrate.add_argument("--exclude-identities", type=Path,
                            help="file with one identity per line to leave out (e.g. those in the test set)")
     calibrate.add_argument("--max-per-identity", type=int, default=None, help="keep the first N images of each")
@@ -115,13 +130,19 @@ def run_eval(args) -> int:
     result = evaluate_pairs(pair_set, _load_models(args.model), scenarios=args.scenario,
                             mask_family=args.mask_family, seed=args.seed, aligned=args.aligned,
                             cache_dir=_cache_dir(args), threads=args.threads, n_resamples=args.bootstrap,
-                            progress=not args.quiet)
+                            progress=not args.quiet, face=args.face, landmarks=args.landmarks,
+                            detector=args.detector)
     for variant, summary in result["images"].items():
         failed = sum(len(keys) for keys in summary["failures"].values())
         print(f"{variant} images: {summary['n_images']}, detected {summary['detected']}, centred fallback "
               f"{summary['centred_fallback']}, failed {failed}"
               + (f" ({', '.join(f'{k}: {len(v)}' for k, v in summary['failures'].items())})" if failed else ""),
               file=sys.stderr)
+    for entry in result["results"]:
+        misses = entry["detector_misses"]
+        if misses["pairs"]:
+            print(f"{entry['model']} {entry['scenario']}: detector missed {misses['reference_images']} reference and "
+                  f"{misses['probe_images']} probe images, {misses['pairs']} pairs", file=sys.stderr)
     table = report.markdown_table(result)
     print(table)
     if args.json:
@@ -135,18 +156,19 @@ def run_eval(args) -> int:
 
 
 def run_calibrate(args) -> int:
-    from edge_mfr.eval.calibrate import calibrate, read_labelled_images, write_thresholds
+    from edge_mfr.eval.calibrate import calibrate, check_not_trained_on, read_labelled_images, write_thresholds
     from edge_mfr.eval.report import write_json
     from edge_mfr.models.package import load_package
 
     package = load_package(args.model)
+    check_not_trained_on(package, args.images, args.split)  # before reading or embedding anything
     images = read_labelled_images(args.images, args.identities, _identity_list(args.exclude_identities),
-                                  args.max_per_identity)
+                                  args.max_per_identity, split=args.split)
     if args.protocol == "unlock":
         return _calibrate_unlock(args, package, images)
     result = calibrate(package, images, args.images, targets=args.targets, scenarios=args.scenario,
-                       mask_family=args.mask_family, seed=args.seed, aligned=args.aligned,
-                       cache_dir=_cache_dir(args), threads=args.threads, progress=not args.quiet)
+                       mask_family=args.mask_family, seed=args.seed, aligned=args.aligned, detector=args.detector,
+                       cache_dir=_cache_dir(args), threads=args.threads, progress=not args.quiet, split=args.split)
     info = result["calibration"]
     print(f"{package.name}: {info['n_images']} images of {info['n_identities']} identities from {info['dataset']}")
     for scenario, entry in info["scenarios"].items():
@@ -178,11 +200,14 @@ def _calibrate_unlock(args, package, images) -> int:
     from edge_mfr.eval.unlock_calibration import calibrate_unlock
 
     result = calibrate_unlock(package, images, args.images, targets=args.targets,
-                              enroll_per_identity=args.enroll_per_identity, seed=args.seed, progress=not args.quiet)
+                              enroll_per_identity=args.enroll_per_identity, seed=args.seed, progress=not args.quiet,
+                              split=args.split, threads=args.threads, detector=args.detector)
     info = result["calibration"]
-    print(f"{package.name}: unlock protocol on {info['n_identities']} identities from {info['dataset']} "
+    print(f"{package.name}: unlock protocol on {info['n_identities']} identities from {info['dataset']}"
+          + (f" split {info['split']}" if info["split"] else "") + " "
           f"({info['n_probes']['unmasked']} probes, each unmasked and masked, routed {info['n_routed']}; "
-          f"{info['detection_failures']} images without a face)")
+          f"{info['detection_failures']} images without a face, {info['masked_probe_misses']} masked probes missed "
+          f"by {info['detector']})")
     for aggregation, per_target in info["evidence"].items():
         for target, rows in per_target.items():
             print(f"  {aggregation} FMR {target}:")

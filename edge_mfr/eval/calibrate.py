@@ -8,10 +8,11 @@ Scenarios calibrated (default "uu" and "um"): the device compares probes with or
 unmasked enrolments, so the threshold written for each target is the highest (most conservative) over
 the scenarios: it meets the target FMR on both. Targets that any scenario cannot support are not written.
 
-The calibration set must be disjoint from any test set (never LFW when LFW is the benchmark) and should be
-disjoint from the model's training identities: a model separates identities it was trained on better than
-unseen ones, so thresholds from training identities are too low and the deployed FMR higher than the
-target. `calibrate` warns when the package's training recipe names the calibration folder.
+The calibration set must be disjoint from any test set (never LFW when LFW is the benchmark) and from the
+model's training identities: a model separates identities it was trained on better than unseen ones, so
+thresholds from training identities are too low and the deployed FMR higher than the target.
+`check_not_trained_on` refuses a folder (or split) the package's recipe lists in `train_data`; for older
+recipes without that list, `calibrate` warns when the recipe names the calibration folder.
 """
 from __future__ import annotations
 
@@ -41,29 +42,44 @@ class LabelledImage:
 
 
 def read_labelled_images(images_dir, identities_file=None, exclude_identities=(),
-                         max_per_identity: int | None = None) -> list[LabelledImage]:
+                         max_per_identity: int | None = None, split: str | None = None) -> list[LabelledImage]:
     """Images with identity labels, sorted by identity then file.
 
     With `identities_file` (lines "FILE IDENTITY", FILE relative to images_dir, as CelebA's
-    identity_CelebA.txt) the labels come from it; otherwise every subfolder of images_dir is an identity.
+    identity_CelebA.txt, or "FILE IDENTITY SPLIT" as celeba_test's) the labels come from it; otherwise
+    every subfolder of images_dir is an identity.
+    `split`: keep only the lines of that split (needs the third column); None keeps every line.
     `exclude_identities`: identities to leave out (e.g. those shared with the test set).
     `max_per_identity`: keep only the first N images (sorted by name) of each identity.
     """
     images_dir = Path(images_dir)
     if not images_dir.is_dir():
         raise InputError(f"images directory not found: {images_dir}")
+    if split is not None and identities_file is None:
+        raise InputError(f"split {split!r} needs an identities file with a split column")
     labelled: list[tuple[str, str]] = []  # (identity, relative path)
     if identities_file is not None:
         identities_file = Path(identities_file)
         if not identities_file.is_file():
             raise InputError(f"identities file not found: {identities_file}")
+        splits_seen: set[str] = set()
         for line_number, line in enumerate(identities_file.read_text(encoding="utf-8").splitlines(), start=1):
             tokens = line.split()
             if not tokens:
                 continue
-            if len(tokens) != 2:
-                raise InputError(f"{identities_file}:{line_number}: expected 'FILE IDENTITY', got {line!r}")
+            if len(tokens) not in (2, 3):
+                raise InputError(f"{identities_file}:{line_number}: expected 'FILE IDENTITY [SPLIT]', got {line!r}")
+            if split is not None:
+                if len(tokens) != 3:
+                    raise InputError(f"{identities_file}:{line_number}: split {split!r} requested but the line "
+                                     f"has no split column: {line!r}")
+                splits_seen.add(tokens[2])
+                if tokens[2] != split:
+                    continue
             labelled.append((tokens[1], tokens[0]))
+        if split is not None and not labelled:
+            raise InputError(f"no image of split {split!r} in {identities_file} "
+                             f"(splits there: {', '.join(sorted(splits_seen)) or 'none'})")
         missing = [rel for _, rel in labelled if not (images_dir / rel).is_file()]
         if missing:
             raise InputError(f"{len(missing)} images listed in {identities_file} are missing under {images_dir}, "
@@ -86,6 +102,40 @@ def read_labelled_images(images_dir, identities_file=None, exclude_identities=()
         raise InputError(f"calibration needs images of at least 2 identities under {images_dir}, "
                          f"found {len(by_identity)}")
     return images
+
+
+def dataset_name(dataset) -> str:
+    """The data set's folder name as training recipes record it: celeba_test/images -> celeba_test."""
+    folder = Path(dataset).resolve()
+    return folder.parent.name if folder.name == "images" else folder.name
+
+
+def check_not_trained_on(package, dataset, split: str | None = None) -> None:
+    """Refuse (InputError) to calibrate on data the package's recipe says it was trained on.
+
+    The recipe's `train_data` lists {"name": folder basename, "split": "train" | None (whole folder)}.
+    A calibration set conflicts with an entry of the same folder when the entry covers the whole folder,
+    when the requested split is the one trained on, or when no split was requested (the whole folder,
+    training split included, would be used).
+    """
+    name = dataset_name(dataset)
+    train_data = (package.meta.get("recipe") or {}).get("train_data") or []
+    if not isinstance(train_data, list):
+        raise InputError(f"model {package.name!r}: recipe train_data must be a list, got {type(train_data).__name__}")
+    for entry in train_data:
+        if not isinstance(entry, dict) or "name" not in entry:
+            raise InputError(f"model {package.name!r}: recipe train_data entry {entry!r} has no 'name'")
+        if entry["name"] != name:
+            continue
+        trained_split = entry.get("split")
+        if trained_split is None or split is None or split == trained_split:
+            what = "all of it" if trained_split is None else f"split {trained_split!r}"
+            asked = f"split {split!r} of " if split is not None else "all of "
+            raise InputError(
+                f"refusing to calibrate model {package.name!r} ({package.onnx_path}) on {asked}{name!r} "
+                f"({dataset}): its recipe says it was trained on {what}; thresholds set on training identities "
+                f"are too low and the deployed FMR would exceed the target. Calibrate on held-out identities"
+                + (f" (e.g. a split other than {trained_split!r})" if trained_split is not None else ""))
 
 
 def _normalised(embeddings: np.ndarray) -> np.ndarray:
@@ -131,14 +181,15 @@ def _impostor_count(identities: np.ndarray, symmetric: bool) -> int:
 
 def calibrate(package, images: list[LabelledImage], dataset, targets=DEFAULT_TARGETS, scenarios=DEFAULT_SCENARIOS,
               mask_family: str | None = None, seed: int = 0, aligned: bool = False, detector=None,
-              cache_dir=None, threads: int | None = None, progress: bool = True) -> dict:
+              cache_dir=None, threads: int | None = None, progress: bool = True, split: str | None = None) -> dict:
     """Thresholds per target FMR and the evidence behind them (JSON-ready).
 
-    `images`: from `read_labelled_images`; `dataset`: the folder they come from (recorded, and checked
-    against the package's training recipe).
+    `images`: from `read_labelled_images`; `dataset`: the folder they come from and `split` the split read
+    from it (recorded, and checked against the package's training recipe: see `check_not_trained_on`).
     Returns {"thresholds": {str(fmr): threshold}, "calibration": {...}}; pass both to
     `package.with_thresholds` (see `write_thresholds`).
     """
+    check_not_trained_on(package, dataset, split)
     targets = sorted({float(t) for t in targets}, reverse=True)
     if not targets or not all(0 < t < 1 for t in targets):
         raise InputError(f"target FMRs must be in (0, 1), got {targets}")
@@ -206,6 +257,7 @@ def calibrate(package, images: list[LabelledImage], dataset, targets=DEFAULT_TAR
         "method": "all-pairs impostors; per scenario the lowest threshold with observed FMR <= target; "
                   "written threshold = highest over scenarios",
         "dataset": str(dataset),
+        "split": split,
         "n_images": len(images),
         "n_identities": int(np.unique(identities_all).size),
         "image_failures": failures,
@@ -224,10 +276,11 @@ def calibrate(package, images: list[LabelledImage], dataset, targets=DEFAULT_TAR
 
 
 def training_overlap_warnings(package, dataset) -> list[str]:
-    """A warning when the package's training recipe names the calibration data set (see module docstring)."""
-    folder = Path(dataset).resolve()
-    name = folder.parent.name if folder.name == "images" else folder.name  # celeba299/images -> celeba299
-    if name and name in str(package.meta.get("recipe", {})):
+    """For recipes without a structured `train_data` (see `check_not_trained_on`), a warning when the recipe
+    mentions the calibration data set's name anywhere."""
+    recipe = package.meta.get("recipe") or {}
+    name = dataset_name(dataset)
+    if "train_data" not in recipe and name and name in str(recipe):
         return [f"the model's training recipe mentions {name!r}: thresholds calibrated on training identities "
                 f"are too low and the deployed FMR will exceed the target; calibrate on held-out identities"]
     return []

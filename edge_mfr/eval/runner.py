@@ -2,24 +2,34 @@
 
 Pipeline per unique image, shared by every model and scenario:
 1. Read (OpenCV, BGR). Unreadable files are failures ("unreadable").
-2. Locate five landmarks with `MTCNNDetector.detect_largest` on the unmasked image. Centred fallback:
-   with `aligned=True` (no detection at all), or when detection fails on an image that looks like a
-   pre-aligned crop the face fills (`looks_like_face_crop`), the image is taken to be aligned to the
-   ArcFace 112 template and the landmarks are that template scaled to the image size. Fallbacks are
-   counted. A failed detection on any other image is a "no_face" failure.
-3. Masked variant: `edge_mfr.masks.apply_mask` draws a synthetic mask on the full image at those
-   landmarks (detection is not repeated on the masked image, so the scenarios differ only in the mask).
-   The mask type and its random draw come from a per-image seed (`image_seed`: a hash of the image's key
-   and the run seed), so every run, model and scenario sees the same mask on the same image.
+2. Locate five landmarks on the unmasked image with the detector (default: the one `FaceUnlock` builds,
+   `deployed_detector`), taking the subject face by the face rule: "largest" (as `FaceUnlock` does with a
+   camera frame) or "centre" (the detection nearest the image centre: LFW and similar sets centre their
+   subject, and a larger face in the background is not the subject). Centred fallback: with `aligned=True`
+   (no detection at all), or when detection fails on an image that looks like a pre-aligned crop the face
+   fills (`looks_like_face_crop`), the image is taken to be aligned to the ArcFace 112 template and the
+   landmarks are that template scaled to the image size. A failed detection on any other image is a
+   detector miss ("no_face").
+3. Masked variant: `edge_mfr.masks.apply_mask` draws a synthetic mask on the full image at the unmasked
+   landmarks (where the person's face is). Then, by default (`landmarks="masked"`), the face is detected
+   afresh on the masked image, as `FaceUnlock` does with a masked probe; a miss there is a detector miss
+   ("masked_no_face"). `landmarks="unmasked"` keeps the unmasked landmarks (no second detection), so the
+   scenarios differ only in the mask. The mask type and its random draw come from a per-image seed
+   (`image_seed`: a hash of the image's key and the run seed), so every run, model and scenario sees the
+   same mask on the same image.
 4. Embed with each model (`edge_mfr.embed.FaceEmbedder`): the package's own template, size and
    normalisation, batched across images.
 
+Detector misses are failures of the system, reported both ways: excluded (the pair is not scored), and
+counted, with a fixed fallback as face_recognition-style evaluations do: the image is embedded at the mean
+landmarks of the images located in the same pass (positions relative to the image size), so the pair is
+scored and a miss usually costs a genuine pair. Unreadable images and failed masks are never scored.
+
 Scenarios: "uu" unmasked vs unmasked, "um" the probe (second image of each pair) masked, "mm" both masked.
-A pair with a failed image is a failure-to-enrol (FTE): it is counted and reported, never scored.
 
 Embeddings are cached under `cache_dir` as one .npz per (model, image, variant); the key hashes the model
 fingerprint and preprocessing, the image path, size and mtime, the variant (mask type and seed, how the face
-was located) and the source of the code that produces them, so any change recomputes.
+was located, the fallback landmarks) and the source of the code that produces them, so any change recomputes.
 """
 from __future__ import annotations
 
@@ -43,14 +53,27 @@ from edge_mfr.eval.report import REPORT_FORMAT
 SCENARIOS = ("uu", "um", "mm")
 # Which variant (masked or not) each side of a pair uses: (reference, probe).
 SCENARIO_VARIANTS = {"uu": (False, False), "um": (False, True), "mm": (True, True)}
+FACE_RULES = ("largest", "centre")
+LANDMARK_SOURCES = ("masked", "unmasked")  # where a masked image's landmarks come from
 # A pre-aligned crop: near-square and small (aligned face crops are 112-160 px; in-the-wild photos, including
 # LFW's 250x250 frames with a face in the middle, are larger and must be detected).
 CROP_MAX_SIDE = 160
 CROP_MAX_ASPECT = 1.25
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 DETECTED, CENTRED = "detected", "centred"
-UNREADABLE, NO_FACE, MASK_FAILED = "unreadable", "no_face", "mask_failed"
+UNREADABLE, NO_FACE, MASKED_NO_FACE, MASK_FAILED = "unreadable", "no_face", "masked_no_face", "mask_failed"
+MISSES = (NO_FACE, MASKED_NO_FACE)  # detector misses: scored at the fallback landmarks when counted
+FALLBACK = "fallback"  # status of a cached fallback embedding
+
+
+def deployed_detector(name: str | None = None):
+    """The detector `FaceUnlock` builds for a detector name (None: its default): searching only for faces
+    its quality policies could accept (the same rule as `FaceUnlock.__init__`)."""
+    from edge_mfr.detect import DEFAULT_DETECTOR, get_detector
+    from edge_mfr.quality import QualityPolicy
+    smallest_usable = min(QualityPolicy.enroll().min_face_size, QualityPolicy.verify().min_face_size)
+    return get_detector(name or DEFAULT_DETECTOR, min_face_size=max(smallest_usable, 1.0))
 
 
 def image_seed(key: str, seed: int) -> int:
@@ -111,45 +134,72 @@ class MaskPolicy:
         return self._masks.apply_mask(image, landmarks, mask_type, rng)
 
 
-class FaceLocator:
-    """Five landmarks per image: MTCNN, or the centred fallback (see the module docstring)."""
+def pick_face(faces, shape, rule: str):
+    """The subject among detections: the largest box, or the box whose centre is nearest the image centre."""
+    if not faces:
+        return None
+    if rule == "largest":
+        return max(faces, key=lambda d: d.area)
+    centre = np.array([shape[1], shape[0]], dtype=np.float64) / 2.0
+    return min(faces, key=lambda d: float(np.hypot(*((d.box[:2] + d.box[2:]) / 2.0 - centre))))
 
-    def __init__(self, aligned: bool = False, detector=None):
+
+class FaceLocator:
+    """Five landmarks per image: a detector with a face rule, or the centred fallback (see the module
+    docstring). `detector`: a detector object, a name (`edge_mfr.detect.available_detectors()`) or None for
+    the one `FaceUnlock` uses."""
+
+    def __init__(self, aligned: bool = False, detector=None, face: str = "largest"):
+        if face not in FACE_RULES:
+            raise InputError(f"face rule must be one of {FACE_RULES}, got {face!r}")
         self.aligned = aligned
-        self._detector = detector
+        self.face = face
+        self._detector = None
         self._found: dict[Path, tuple[np.ndarray | None, str]] = {}  # so a masked pass reuses the detections
-        if not aligned and detector is None:
-            from edge_mfr.detect import MTCNNDetector
-            self._detector = MTCNNDetector()
+        if not aligned:
+            self._detector = deployed_detector(detector) if detector is None or isinstance(detector, str) \
+                else detector
+
+    @property
+    def detector_name(self) -> str | None:
+        if self._detector is None:
+            return None
+        return getattr(self._detector, "registry_name", type(self._detector).__name__)
 
     def config(self) -> str:
         if self.aligned:
             return "centred"
         d = self._detector
-        settings = {k: getattr(d, k, None) for k in ("min_face_size", "thresholds", "scale_factor", "max_side")}
-        return f"{type(d).__name__}{settings}|crop_fallback<={CROP_MAX_SIDE}px,aspect<={CROP_MAX_ASPECT}"
+        settings = d.config() if hasattr(d, "config") else {
+            k: getattr(d, k, None) for k in ("min_face_size", "min_face_fraction", "thresholds", "scale_factor", "max_side")}
+        return (f"{type(d).__name__}{settings}|face={self.face}"
+                f"|crop_fallback<={CROP_MAX_SIDE}px,aspect<={CROP_MAX_ASPECT}")
 
     def locate(self, image: np.ndarray, path: Path) -> tuple[np.ndarray | None, str]:
-        """(landmarks (5,2), DETECTED | CENTRED) or (None, NO_FACE) for the image read from `path`."""
+        """(landmarks (5,2), DETECTED | CENTRED) or (None, NO_FACE) for the unmasked image read from `path`."""
         if path not in self._found:
-            self._found[path] = self._locate(image)
+            self._found[path] = self._locate(image, NO_FACE)
         return self._found[path]
 
-    def _locate(self, image: np.ndarray) -> tuple[np.ndarray | None, str]:
+    def relocate(self, masked_image: np.ndarray) -> tuple[np.ndarray | None, str]:
+        """The face detected afresh on a masked image: (landmarks, DETECTED | CENTRED) or (None, MASKED_NO_FACE)."""
+        return self._locate(masked_image, MASKED_NO_FACE)
+
+    def _locate(self, image: np.ndarray, miss: str) -> tuple[np.ndarray | None, str]:
         if self.aligned:
             return centred_landmarks(image.shape), CENTRED
-        face = self._detector.detect_largest(image)
+        face = pick_face(self._detector.detect(image), image.shape, self.face)
         if face is not None:
             return np.asarray(face.landmarks, dtype=np.float64), DETECTED
         if looks_like_face_crop(image.shape):
             return centred_landmarks(image.shape), CENTRED
-        return None, NO_FACE
+        return None, miss
 
 
 class EmbeddingCache:
     """One .npz per (model, image, variant) under root/<model key prefix>/<xx>/<key>.npz, holding the
-    embedding and how the face was located; a failed image is stored with an empty embedding and its
-    failure status, so later runs skip it without reading it again."""
+    embedding, how the face was located and where (landmarks relative to the image size); a failed image
+    is stored with an empty embedding and its failure status, so later runs skip it without reading it."""
 
     def __init__(self, root):
         self.root = Path(root)
@@ -161,20 +211,22 @@ class EmbeddingCache:
         return self.root / model_key[:16] / key[:2] / f"{key}.npz"
 
     @staticmethod
-    def load(path: Path) -> tuple[np.ndarray, str] | None:
+    def load(path: Path) -> tuple[np.ndarray, str, np.ndarray] | None:
+        """(embedding, status, relative landmarks (5, 2) or empty), or None when absent or unreadable."""
         if not path.is_file():
             return None
         try:
             with np.load(path) as stored:
-                return stored["embedding"], str(stored["status"])
+                return stored["embedding"], str(stored["status"]), stored["landmarks"]
         except (OSError, ValueError, KeyError):
             return None  # a torn or foreign file: recompute and overwrite
 
     @staticmethod
-    def save(path: Path, embedding: np.ndarray, status: str) -> None:
+    def save(path: Path, embedding: np.ndarray, status: str, landmarks: np.ndarray | None = None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f"{path.name}.{os.getpid()}.partial.npz")
-        np.savez(partial, embedding=embedding, status=np.array(status))
+        np.savez(partial, embedding=embedding, status=np.array(status),
+                 landmarks=np.empty(0) if landmarks is None else landmarks)
         partial.replace(path)  # atomic: concurrent runs never read half a file
 
 
@@ -200,10 +252,18 @@ LOCATED = (DETECTED, CENTRED)
 
 @dataclass
 class ImageEmbeddings:
-    """Embeddings of a list of images: one (N, D) array per model, NaN rows for failed images."""
+    """Embeddings of a list of images: one (N, D) array per model, NaN rows for failed images.
+
+    `fallback`: per model, (N, D) embeddings of the detector misses at `fallback_landmarks` (NaN on every
+    other row); `landmarks`: (N, 5, 2) landmarks of the located images relative to the image size (x / width,
+    y / height), NaN for failures; `fallback_landmarks`: their mean, the fixed fallback (None without misses).
+    """
     keys: list[str]
     embeddings: list[np.ndarray]
-    status: list[str]            # DETECTED, CENTRED, UNREADABLE, NO_FACE or MASK_FAILED per image
+    status: list[str]            # DETECTED, CENTRED, UNREADABLE, NO_FACE, MASKED_NO_FACE or MASK_FAILED per image
+    landmarks: np.ndarray
+    fallback: list[np.ndarray]
+    fallback_landmarks: np.ndarray | None = None
     cache_hits: int = 0
 
     @property
@@ -215,17 +275,35 @@ class ImageEmbeddings:
                 failed.setdefault(status, []).append(key)
         return failed
 
+    @property
+    def misses(self) -> np.ndarray:
+        """(N,) bool: the detector missed the face (the rows with a fallback embedding)."""
+        return np.array([s in MISSES for s in self.status], dtype=bool)
+
+    def with_misses_counted(self, model_index: int) -> np.ndarray:
+        """One model's embeddings with every detector miss replaced by its fallback embedding."""
+        merged = self.embeddings[model_index].copy()
+        merged[self.misses] = self.fallback[model_index][self.misses]
+        return merged
+
 
 class EmbeddingExtractor:
-    """Embeds images with several models at once, each image read and located once per variant."""
+    """Embeds images with several models at once, each image read and located once per variant.
+
+    face: "largest" or "centre" (see `pick_face`); landmarks: "masked" (detect afresh on masked images, as
+    deployed) or "unmasked" (reuse the unmasked image's landmarks); detector: object, name or None (see
+    `FaceLocator`)."""
 
     def __init__(self, packages, aligned: bool = False, detector=None, mask_family: str | None = None,
                  seed: int = 0, cache_dir=None, batch_size: int = 32, threads: int | None = None,
-                 progress: bool = True):
+                 progress: bool = True, face: str = "largest", landmarks: str = "masked"):
         if not packages:
             raise InputError("no model package to evaluate")
+        if landmarks not in LANDMARK_SOURCES:
+            raise InputError(f"landmarks must be one of {LANDMARK_SOURCES}, got {landmarks!r}")
         self.models = [_Model(p, threads) for p in packages]
-        self.locator = FaceLocator(aligned, detector)
+        self.locator = FaceLocator(aligned, detector, face)
+        self.landmarks = landmarks
         self.mask_family = mask_family
         self.seed = int(seed)
         self._mask_policy = None
@@ -246,8 +324,25 @@ class EmbeddingExtractor:
 
     def _variant(self, key: str, masked: bool) -> str:
         if masked:
-            return f"{self.mask_policy.variant(key)}|masks={self._masks_code}|{self.locator.config()}|code={self._code}"
+            return (f"{self.mask_policy.variant(key)}|masks={self._masks_code}|landmarks={self.landmarks}"
+                    f"|{self.locator.config()}|code={self._code}")
         return f"plain|{self.locator.config()}|code={self._code}"
+
+    def _prepare(self, path: Path, key: str, masked: bool) -> tuple[np.ndarray | None, np.ndarray | None, str]:
+        """(image to embed, its landmarks, status); landmarks None on failure."""
+        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if image is None:
+            return None, None, UNREADABLE
+        landmarks, status = self.locator.locate(image, path)
+        if landmarks is None or not masked:
+            return image, landmarks, status
+        try:
+            image = self.mask_policy.apply(image, landmarks, key)
+        except InputError:
+            return image, None, MASK_FAILED
+        if self.landmarks == "masked":
+            landmarks, status = self.locator.relocate(image)
+        return image, landmarks, status
 
     def extract(self, images: list[tuple[Path, str]], masked: bool, description: str = "images") -> ImageEmbeddings:
         """Embed (path, key) images, masked or not; `key` names the image in reports and seeds its mask."""
@@ -256,6 +351,7 @@ class EmbeddingExtractor:
         n = len(images)
         out = [np.full((n, m.package.embedding_size), np.nan, dtype=np.float32) for m in self.models]
         status = [""] * n
+        relative = np.full((n, 5, 2), np.nan)
         hits = 0
         cache_paths: dict[int, list[Path]] = {}
         pending: list[tuple[int, np.ndarray, np.ndarray, list[int]]] = []  # row, image, landmarks, model indices
@@ -269,7 +365,7 @@ class EmbeddingExtractor:
                 for (row, _, _), vector in zip(todo, vectors):
                     out[model_index][row] = vector
                     if self.cache is not None:
-                        self.cache.save(cache_paths[row][model_index], vector, status[row])
+                        self.cache.save(cache_paths[row][model_index], vector, status[row], relative[row])
             pending.clear()
 
         for row, (path, key) in enumerate(tqdm(images, desc=description, unit="img",
@@ -281,7 +377,7 @@ class EmbeddingExtractor:
                 stored = [self.cache.load(p) for p in cache_paths[row]]
                 known = [entry for entry in stored if entry is not None]
                 # Locating the face does not depend on the model, so one stored failure settles the image.
-                failed = [s for _, s in known if s not in LOCATED]
+                failed = [s for _, s, _ in known if s not in LOCATED]
                 if failed:
                     status[row] = failed[0]
                     hits += 1
@@ -292,20 +388,12 @@ class EmbeddingExtractor:
                 wanted = [i for i, entry in enumerate(stored) if entry is None]
                 if not wanted:
                     status[row] = known[0][1]
+                    relative[row] = known[0][2]
                     hits += 1
                     continue
-            image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-            landmarks = None
-            if image is None:
-                status[row] = UNREADABLE
-            else:
-                landmarks, status[row] = self.locator.locate(image, path)
-                if landmarks is not None and masked:
-                    try:
-                        image = self.mask_policy.apply(image, landmarks, key)
-                    except InputError:
-                        status[row], landmarks = MASK_FAILED, None
+            image, landmarks, status[row] = self._prepare(path, key, masked)
             if landmarks is not None:
+                relative[row] = landmarks / np.array([image.shape[1], image.shape[0]], dtype=np.float64)
                 pending.append((row, image, landmarks, wanted))
                 if len(pending) >= self.batch_size:
                     flush()
@@ -313,7 +401,48 @@ class EmbeddingExtractor:
                 for p in cache_paths[row]:
                     self.cache.save(p, np.empty(0, dtype=np.float32), status[row])
         flush()
-        return ImageEmbeddings(keys=[k for _, k in images], embeddings=out, status=status, cache_hits=hits)
+        result = ImageEmbeddings(keys=[k for _, k in images], embeddings=out, status=status, landmarks=relative,
+                                 fallback=[np.full_like(e, np.nan) for e in out], cache_hits=hits)
+        if result.misses.any():
+            self._embed_fallbacks(images, masked, result)
+        return result
+
+    def _embed_fallbacks(self, images: list[tuple[Path, str]], masked: bool, result: ImageEmbeddings) -> None:
+        """Embed each detector miss at the mean relative landmarks of the located images (fills
+        `result.fallback` and `result.fallback_landmarks`). A masked image whose unmasked face was missed
+        too gets its mask drawn at the fallback as well."""
+        located = np.isfinite(result.landmarks).all(axis=(1, 2))
+        if located.any():
+            fallback = result.landmarks[located].mean(axis=0)
+        else:  # nothing located at all: the aligned-crop template is the only prior left
+            fallback = ARCFACE_TEMPLATE_112 / 112.0
+        fallback = np.round(fallback, 4)  # a stable cache key across runs that locate the same faces
+        result.fallback_landmarks = fallback
+        for row in np.flatnonzero(result.misses):
+            path, key = Path(images[row][0]), images[row][1]
+            variant = f"{self._variant(key, masked)}|{FALLBACK}={fallback.tolist()}"
+            paths = [self.cache.path(m.cache_key, path, variant) for m in self.models] if self.cache else None
+            stored = [self.cache.load(p) for p in paths] if paths else [None] * len(self.models)
+            if all(entry is not None for entry in stored):
+                for model_index, entry in enumerate(stored):
+                    result.fallback[model_index][row] = entry[0] if entry[0].size else np.nan
+                continue
+            image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+            size = np.array([image.shape[1], image.shape[0]], dtype=np.float64)
+            if masked:
+                unmasked_landmarks, _ = self.locator.locate(image, path)
+                try:
+                    image = self.mask_policy.apply(
+                        image, fallback * size if unmasked_landmarks is None else unmasked_landmarks, key)
+                except InputError:
+                    image = None
+            for model_index, model in enumerate(self.models):
+                vector = model.embed([image], [fallback * size])[0] if image is not None \
+                    else np.empty(0, dtype=np.float32)
+                if vector.size:
+                    result.fallback[model_index][row] = vector
+                if paths:
+                    self.cache.save(paths[model_index], vector, FALLBACK, fallback)
 
 
 def _pipeline_digest(locator: FaceLocator) -> str:
@@ -322,7 +451,7 @@ def _pipeline_digest(locator: FaceLocator) -> str:
     import edge_mfr.embed
     import edge_mfr.runtime
     parts = [*_module_files(edge_mfr.align), *_module_files(edge_mfr.embed), *_module_files(edge_mfr.runtime),
-             FaceLocator, centred_landmarks, looks_like_face_crop, _Model]
+             FaceLocator, pick_face, deployed_detector, centred_landmarks, looks_like_face_crop, _Model]
     if edge_mfr.align.native_available():
         parts += _module_files(sys.modules["edge_mfr._native"])
     if locator._detector is not None:
@@ -340,17 +469,31 @@ def cosine_scores(first: np.ndarray, second: np.ndarray) -> np.ndarray:
     return np.sum(first * second, axis=1) / norms
 
 
+def _metrics(scores, labels, folds, n_resamples, seed):
+    """Metrics of the scored pairs (NaN scores left out); None unless both classes remain."""
+    scored = np.isfinite(scores)
+    kept = labels[scored]
+    if not kept.any() or kept.all():
+        return None
+    return metrics.evaluate(scores[scored], kept, folds=None if folds is None else folds[scored],
+                            n_resamples=n_resamples, seed=seed)
+
+
 def evaluate_pairs(pair_set: PairSet, packages, scenarios=("uu",), mask_family: str | None = None, seed: int = 0,
                    aligned: bool = False, detector=None, cache_dir=None, batch_size: int = 32,
-                   threads: int | None = None, n_resamples: int = 1000, progress: bool = True) -> dict:
-    """Score every pair with every model in every scenario; returns the report dict (see report.py)."""
+                   threads: int | None = None, n_resamples: int = 1000, progress: bool = True,
+                   face: str = "centre", landmarks: str = "masked") -> dict:
+    """Score every pair with every model in every scenario; returns the report dict (see report.py).
+
+    Each result holds `metrics` with detector misses excluded and `metrics_misses_counted` with them scored
+    at the fallback landmarks (see the module docstring), and `detector_misses` per side."""
     unknown = [s for s in scenarios if s not in SCENARIOS]
     if unknown or not scenarios:
         raise InputError(f"scenarios must be among {SCENARIOS}, got {list(scenarios)}")
     scenarios = list(dict.fromkeys(scenarios))
     extractor = EmbeddingExtractor(packages, aligned=aligned, detector=detector, mask_family=mask_family,
                                    seed=seed, cache_dir=cache_dir, batch_size=batch_size, threads=threads,
-                                   progress=progress)
+                                   progress=progress, face=face, landmarks=landmarks)
     keys = {p.first: p.first_key for p in pair_set.pairs}
     keys.update({p.second: p.second_key for p in pair_set.pairs})
     # Only the images each variant needs: in "um" the references stay unmasked and only probes are masked.
@@ -373,15 +516,22 @@ def evaluate_pairs(pair_set: PairSet, packages, scenarios=("uu",), mask_family: 
     results = []
     for model_index, model in enumerate(extractor.models):
         for scenario in scenarios:
-            reference_masked, probe_masked = SCENARIO_VARIANTS[scenario]
-            reference = extracted[reference_masked].embeddings[model_index][
-                [rows[reference_masked][p.first] for p in pair_set.pairs]]
-            probe = extracted[probe_masked].embeddings[model_index][
-                [rows[probe_masked][p.second] for p in pair_set.pairs]]
-            scores = cosine_scores(reference, probe)
+            sides = {}
+            for side, masked, attribute in (("reference", SCENARIO_VARIANTS[scenario][0], "first"),
+                                            ("probe", SCENARIO_VARIANTS[scenario][1], "second")):
+                embedded = extracted[masked]
+                index = np.array([rows[masked][getattr(p, attribute)] for p in pair_set.pairs], dtype=np.int64)
+                sides[side] = (embedded, index)
+            (ref, ref_index), (probe, probe_index) = sides["reference"], sides["probe"]
+            scores = cosine_scores(ref.embeddings[model_index][ref_index], probe.embeddings[model_index][probe_index])
+            counted = cosine_scores(ref.with_misses_counted(model_index)[ref_index],
+                                    probe.with_misses_counted(model_index)[probe_index])
             scored = np.isfinite(scores)
-            failed_keys = {key for masked in {reference_masked, probe_masked}
-                           for failed in extracted[masked].failures.values() for key in failed}
+            missed = ref.misses[ref_index] | probe.misses[probe_index]
+            failed_keys = {key for embedded, _ in sides.values() for failed in embedded.failures.values()
+                           for key in failed}
+            miss_images = {side: sorted({embedded.keys[i] for i in np.unique(index[embedded.misses[index]])})
+                           for side, (embedded, index) in sides.items()}
             result = {
                 "model": model.package.name,
                 "fingerprint": model.package.fingerprint,
@@ -391,17 +541,21 @@ def evaluate_pairs(pair_set: PairSet, packages, scenarios=("uu",), mask_family: 
                 "fte_pairs": int((~scored).sum()),
                 "fte_rate": float((~scored).mean()),
                 "fte_images": sorted(failed_keys),
-                "metrics": None,
+                "detector_misses": {
+                    "pairs": int(missed.sum()),
+                    "reference_images": len(miss_images["reference"]),
+                    "probe_images": len(miss_images["probe"]),
+                    "images": sorted(set(miss_images["reference"]) | set(miss_images["probe"])),
+                },
+                "n_scored_misses_counted": int(np.isfinite(counted).sum()),
+                "metrics": _metrics(scores, labels, folds, n_resamples, seed),
+                "metrics_misses_counted": _metrics(counted, labels, folds, n_resamples, seed)
+                if missed.any() else None,
                 "pairs": [{"first": p.first_key, "second": p.second_key, "genuine": p.genuine, "fold": p.fold,
-                           "score": float(s) if ok else None}
-                          for p, s, ok in zip(pair_set.pairs, scores, scored)],
+                           "score": float(s) if ok else None,
+                           **({"miss": True, "fallback_score": float(c) if np.isfinite(c) else None} if m else {})}
+                          for p, s, ok, c, m in zip(pair_set.pairs, scores, scored, counted, missed)],
             }
-            kept_labels = labels[scored]
-            # Metrics need both classes among the scored pairs; otherwise the row reports only the FTE.
-            if kept_labels.any() and not kept_labels.all():
-                result["metrics"] = metrics.evaluate(
-                    scores[scored], kept_labels, folds=None if folds is None else folds[scored],
-                    n_resamples=n_resamples, seed=seed)
             results.append(result)
 
     image_summary = {}
@@ -411,9 +565,13 @@ def evaluate_pairs(pair_set: PairSet, packages, scenarios=("uu",), mask_family: 
             "detected": embedded.status.count(DETECTED),
             "centred_fallback": embedded.status.count(CENTRED),
             "centred_images": [k for k, s in zip(embedded.keys, embedded.status) if s == CENTRED],
+            "detector_misses": int(embedded.misses.sum()),
+            "fallback_landmarks": None if embedded.fallback_landmarks is None
+            else embedded.fallback_landmarks.tolist(),
             "failures": embedded.failures,
             "cache_hits": embedded.cache_hits,
         }
+    masked_run = any(s != "uu" for s in scenarios)
     return {
         "format": REPORT_FORMAT,
         "pairs_file": str(pair_set.source),
@@ -425,8 +583,11 @@ def evaluate_pairs(pair_set: PairSet, packages, scenarios=("uu",), mask_family: 
         "excluded_identities": pair_set.excluded_identities,
         "excluded_pairs": pair_set.excluded_pairs,
         "seed": int(seed),
-        "mask_family": mask_family if any(s != "uu" for s in scenarios) else None,
+        "mask_family": mask_family if masked_run else None,
         "aligned": bool(aligned),
+        "face": face,
+        "landmarks": landmarks if masked_run else None,
+        "detector": extractor.locator.detector_name,
         "face_locator": extractor.locator.config(),
         "models": [{"name": m.package.name, "fingerprint": m.package.fingerprint, "path": str(m.package.onnx_path)}
                    for m in extractor.models],

@@ -12,6 +12,11 @@ mask), and every probe attempts every identity. The FMR is counted per attempt.
 probes meet masked templates and score higher against impostors too. Calibration routes each probe by
 that same mask estimate (not by whether a mask was drawn), so estimator mistakes are part of the
 measured FMR of each route.
+
+Detection follows the deployed path: the detector `FaceUnlock` builds by default (or the one named), the
+largest face, and a masked probe is detected afresh on the masked picture, as a door camera would see it.
+A masked probe the detector misses cannot be accepted: it is counted (`masked_probe_misses`) and makes no
+attempt, so it adds no impostor attempt and is left out of the per-route FNMR.
 """
 
 from __future__ import annotations
@@ -23,7 +28,6 @@ import numpy as np
 from tqdm import tqdm
 
 from .. import __version__
-from ..detect import MTCNNDetector
 from ..embed import FaceEmbedder
 from ..errors import InputError
 from ..io import load_image
@@ -32,27 +36,33 @@ from ..match import AGGREGATIONS
 from ..quality import QualityPolicy, assess
 from ..unlock import synthesize_masked_copies
 from . import metrics
-from .calibrate import LabelledImage
-from .runner import image_seed
+from .calibrate import LabelledImage, check_not_trained_on
+from .runner import deployed_detector, image_seed
 
 PROBE_VARIANTS = ("unmasked", "masked")  # what was drawn
 ROUTES = ("unmasked", "masked")  # what the quality gate's mask estimate says
 
 
-def _embed_identity_sets(images: list[LabelledImage], embedder: FaceEmbedder, detector: MTCNNDetector,
+def _largest(detector, frame):
+    faces = detector.detect(frame)
+    return max(faces, key=lambda d: d.area) if faces else None
+
+
+def _embed_identity_sets(images: list[LabelledImage], embedder: FaceEmbedder, detector,
                          enroll_per_identity: int, seed: int, progress: bool):
-    """Per identity: template matrix (enrollment as deployed) and probe embeddings per variant."""
+    """Per identity: template matrix (enrollment as deployed) and probe embeddings per variant; the images
+    without a face and the masked probes whose re-detection failed."""
     by_identity: dict[str, list[LabelledImage]] = defaultdict(list)
     for image in images:
         by_identity[image.identity].append(image)
-    templates, probes, failures = {}, {v: [] for v in PROBE_VARIANTS}, []
+    templates, probes, failures, masked_misses = {}, {v: [] for v in PROBE_VARIANTS}, [], []
     policy = QualityPolicy.verify()
     todo = [(identity, group) for identity, group in sorted(by_identity.items()) if len(group) > enroll_per_identity]
     for identity, group in tqdm(todo, desc="calibration identities", disable=not progress):
         rows = []
         for k, image in enumerate(group):
             frame = load_image(image.path)
-            face = detector.detect_largest(frame)
+            face = _largest(detector, frame)
             if face is None:
                 failures.append(image.key)
                 continue
@@ -63,13 +73,17 @@ def _embed_identity_sets(images: list[LabelledImage], embedder: FaceEmbedder, de
                          for _, masked in synthesize_masked_copies(frame, face.landmarks, rng)]
             else:
                 mask_type = MASK_TYPES[rng.integers(len(MASK_TYPES))]
-                variants = {"unmasked": frame, "masked": apply_mask(frame, face.landmarks, mask_type, rng)}
-                for variant, picture in variants.items():
-                    route = "masked" if assess(picture, face, policy).masked else "unmasked"
-                    probes[variant].append((identity, embedder.embed_faces(picture, face.landmarks[None])[0], route))
+                masked = apply_mask(frame, face.landmarks, mask_type, rng)
+                for variant, picture in (("unmasked", frame), ("masked", masked)):
+                    seen = face if variant == "unmasked" else _largest(detector, picture)
+                    if seen is None:
+                        masked_misses.append(image.key)
+                        continue
+                    route = "masked" if assess(picture, seen, policy).masked else "unmasked"
+                    probes[variant].append((identity, embedder.embed_faces(picture, seen.landmarks[None])[0], route))
         if rows:
             templates[identity] = np.stack(rows)
-    return templates, probes, failures
+    return templates, probes, failures, masked_misses
 
 
 def attempt_scores(templates: dict[str, np.ndarray], probes: list[tuple], aggregation: str):
@@ -94,12 +108,18 @@ def attempt_scores(templates: dict[str, np.ndarray], probes: list[tuple], aggreg
 
 def calibrate_unlock(package, images: list[LabelledImage], dataset, targets=(1e-3, 1e-4, 1e-5),
                      enroll_per_identity: int = 2, aggregations=AGGREGATIONS, seed: int = 0,
-                     detector: MTCNNDetector | None = None, progress: bool = True) -> dict:
+                     detector=None, progress: bool = True, split: str | None = None,
+                     threads: int | None = None) -> dict:
     """Per aggregation and mask route, the threshold meeting each target per-attempt FMR, with the
-    evidence. Returns {"thresholds": {aggregation: {route|"all": {str(fmr): t}}}, "calibration": {...}}."""
-    embedder = FaceEmbedder(package)
-    templates, probes, failures = _embed_identity_sets(images, embedder, detector or MTCNNDetector(),
-                                                       enroll_per_identity, seed, progress)
+    evidence. Returns {"thresholds": {aggregation: {route|"all": {str(fmr): t}}}, "calibration": {...}}.
+    `dataset`/`split`: where `images` come from; refused when the package was trained on them.
+    `detector`: a detector object or name; None: the one `FaceUnlock` uses by default."""
+    check_not_trained_on(package, dataset, split)
+    embedder = FaceEmbedder(package, threads=threads)
+    if detector is None or isinstance(detector, str):
+        detector = deployed_detector(detector)
+    templates, probes, failures, masked_misses = _embed_identity_sets(images, embedder, detector,
+                                                                      enroll_per_identity, seed, progress)
     if len(templates) < 2 or not probes["unmasked"]:
         raise InputError("calibration needs at least 2 identities with more images than enrollment uses")
     thresholds, evidence = {}, {}
@@ -131,15 +151,19 @@ def calibrate_unlock(package, images: list[LabelledImage], dataset, targets=(1e-
                 thresholds[aggregation]["all"][key] = max(r["threshold"] for r in route_rows)
     calibration = {
         "method": "unlock simulation: per identity the first images enrolled as FaceUnlock.enroll does "
-                  "(plus synthetic masked copies), the rest probe every identity unmasked and masked; "
+                  "(plus synthetic masked copies), the rest probe every identity unmasked and masked (masked "
+                  "probes detected afresh on the masked picture, misses make no attempt); "
                   "probes routed by the quality gate's mask estimate; FMR per attempt within each route; "
                   "'all' = the higher of the two route thresholds",
         "dataset": str(dataset),
+        "split": split,
         "enroll_per_identity": enroll_per_identity,
         "n_identities": len(templates),
         "n_probes": {v: len(p) for v, p in probes.items()},
         "n_routed": {route: len(p) for route, p in routed.items()},
+        "detector": getattr(detector, "registry_name", type(detector).__name__),
         "detection_failures": len(failures),
+        "masked_probe_misses": len(masked_misses),
         "evidence": evidence,
         "seed": int(seed),
         "model_fingerprint": package.fingerprint,
