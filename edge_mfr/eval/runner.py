@@ -68,12 +68,10 @@ FALLBACK = "fallback"  # status of a cached fallback embedding
 
 
 def deployed_detector(name: str | None = None):
-    """The detector `FaceUnlock` builds for a detector name (None: its default): searching only for faces
-    its quality policies could accept (the same rule as `FaceUnlock.__init__`)."""
-    from edge_mfr.detect import DEFAULT_DETECTOR, get_detector
-    from edge_mfr.quality import QualityPolicy
-    smallest_usable = min(QualityPolicy.enroll().min_face_size, QualityPolicy.verify().min_face_size)
-    return get_detector(name or DEFAULT_DETECTOR, min_face_size=max(smallest_usable, 1.0))
+    """The detector `FaceUnlock` builds for a detector name (None: its default), with its settings."""
+    from edge_mfr.detect import DEFAULT_DETECTOR
+    from edge_mfr.unlock import unlock_detector
+    return unlock_detector(name or DEFAULT_DETECTOR)
 
 
 def image_seed(key: str, seed: int) -> int:
