@@ -104,6 +104,8 @@ def create_app(station: Station, allowed_hosts: tuple[str, ...] | None = LOOPBAC
                 body = await json_body(request) if needs_json else None
                 result = await handler(request, token, body)
             except RequestRefused as exc:
+                if exc.status == 403:
+                    log.warning("refused %s %s: %s", request.method, request.url.path, exc)
                 return _error(str(exc), exc.status)
             except KioskError as exc:
                 return _error(str(exc), exc.status, exc.retry_after_s)
