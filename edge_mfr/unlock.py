@@ -38,6 +38,15 @@ def synthesize_masked_copies(image: np.ndarray, landmarks: np.ndarray, rng: np.r
     return [(mask_type, apply_mask(image, landmarks, mask_type, rng)) for mask_type in SYNTHETIC_MASK_TYPES]
 
 
+def unlock_detector(name: str = DEFAULT_DETECTOR, enroll_policy: QualityPolicy | None = None,
+                    verify_policy: QualityPolicy | None = None, threads: int | None = 1):
+    """The named detector as the unlock pipeline runs it: searching only for faces at least as large as the
+    quality policies accept (smaller ones would be refused anyway), which is what makes detection cheap."""
+    policies = (enroll_policy or QualityPolicy.enroll(), verify_policy or QualityPolicy.verify())
+    smallest_usable = min(policy.min_face_size for policy in policies)
+    return get_detector(name, min_face_size=max(smallest_usable, 1.0), threads=threads)
+
+
 @dataclass
 class Capture:
     """One frame after detection, quality and embedding (embedding is None when refused before it)."""
@@ -151,8 +160,7 @@ class FaceUnlock:
         self.enroll_policy = enroll_policy or QualityPolicy.enroll()
         self.verify_policy = verify_policy or QualityPolicy.verify()
         if detector is None or isinstance(detector, str):
-            smallest_usable = min(self.enroll_policy.min_face_size, self.verify_policy.min_face_size)
-            detector = get_detector(detector or DEFAULT_DETECTOR, min_face_size=max(smallest_usable, 1.0))
+            detector = unlock_detector(detector or DEFAULT_DETECTOR, self.enroll_policy, self.verify_policy)
         self.detector = detector
         self.mask_synthesizer = mask_synthesizer
         self.seed = seed
