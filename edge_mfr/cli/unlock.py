@@ -6,6 +6,7 @@ an argument (arguments are visible to every user of the machine through the proc
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -25,11 +26,20 @@ def _secret(args) -> dict:
     return {"passphrase": passphrase}
 
 
+def _rollback_counter(args):
+    if not args.rollback_state:
+        return None
+    from ..gallery import FileRollbackCounter
+
+    return FileRollbackCounter(args.rollback_state)
+
+
 def _unlock(args):
     from ..unlock import FaceUnlock
 
     return FaceUnlock(model=args.model, gallery=args.gallery, fmr=args.fmr, aggregation=args.aggregation,
-                      threads=args.threads, **_secret(args))
+                      threads=args.threads, rollback_counter=_rollback_counter(args),
+                      candidates_on_rejection=getattr(args, "candidates_on_rejection", False), **_secret(args))
 
 
 def _frames(sources: list[str]):
@@ -74,7 +84,7 @@ def _open_gallery(args):
 
     if not os.path.exists(args.gallery):
         raise GalleryError(f"{args.gallery}: no gallery here")
-    return Gallery.open(args.gallery, **_secret(args))
+    return Gallery.open(args.gallery, rollback_counter=_rollback_counter(args), **_secret(args))
 
 
 def run_gallery_list(args) -> int:
@@ -96,16 +106,29 @@ def run_gallery_remove(args) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def _common(parser, model: bool = True) -> None:
     parser.add_argument("--gallery", required=True, help="encrypted gallery file")
     parser.add_argument("--key-file", help=f"32-byte key file (otherwise ${PASSPHRASE_ENV} is the passphrase)")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--json", action="store_true", help="machine-readable output (errors too)")
+    parser.add_argument("--rollback-state", metavar="FILE",
+                        help="rollback counter file: refuse an older copy of the gallery put back in place "
+                             "(keep it where whoever can replace the gallery cannot; docs/security.md)")
     if model:
         parser.add_argument("--model", help="model package (.onnx/.json/dir or bundled name); default: best bundled")
         parser.add_argument("--fmr", type=float, default=1e-4, help="target false match rate (default 1e-4)")
         parser.add_argument("--aggregation", choices=("max", "mean"), default="max",
                             help="score over a user's templates (default max)")
-        parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+        parser.add_argument("--threads", type=_positive_int, default=None, help="ONNX Runtime intra-op threads")
 
 
 def register(subparsers) -> None:
@@ -124,6 +147,9 @@ def register(subparsers) -> None:
 
     identify = subparsers.add_parser("identify", help="1:N: who is this? exit 0 identified, 1 nobody, 2 error")
     _common(identify)
+    identify.add_argument("--candidates-on-rejection", action="store_true",
+                          help="list the nearest enrolled users and scores when nobody is identified (operator "
+                               "use only: it tells whoever holds the probe who is enrolled)")
     identify.add_argument("image", metavar="IMAGE", help="image, video file or camera index")
     identify.set_defaults(func=run_identify)
 
