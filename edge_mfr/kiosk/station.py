@@ -279,6 +279,8 @@ class Station:
         """One camera frame: face box and advice, plus what the session's mode does with it."""
         with self._lock:
             session = self._get(token)
+            if session.mode == "enroll":  # an enrollment in progress is operator activity
+                session.operator_until = self._clock() + OPERATOR_IDLE_S
             height, width = frame.shape[:2]
             policy = self.unlock.enroll_policy if session.mode == "enroll" else self.unlock.verify_policy
             capture = self.unlock.capture(frame, policy, "camera")
