@@ -1,22 +1,25 @@
-"""INT8 vs fp32 on ONNX Runtime CPU: latency at batch 1 and 32, and embedding agreement on held-out faces.
+"""FP32 vs INT8 on ONNX Runtime CPU: latency at batch 1 and 32, size on disk, cosine to FP32, and where the
+time goes when INT8 is not 1.5x faster.
 
-For each fp32 package (the bundled teacher by default, plus any student given with --package), this
-quantizes it with edge_mfr.quant on the calibration manifest's 256 real faces, three ways:
-  int8-ort            quantize_static, the default settings (per-channel, 7-bit weights: reduce_range)
-  int8-ort-fullrange  the same with 8-bit weights (reduce_range=False), to show why that is not the default
-  int8-nncf           nncf.quantize (skipped with --no-nncf)
+For each FP32 package given (default: the bundled teacher), this quantizes it with edge_mfr.quant on the
+calibration manifest (calibration/README.md), once per method:
+  int8-ort            onnxruntime quantize_static, the default settings (QDQ, per-channel, 7-bit weights)
+  int8-ort-fullrange  the same with 8-bit weights (reduce_range=False)
+  int8-nncf           nncf.quantize
 then
-  - times fp32 and int8 sessions interleaved run by run (edge_mfr.models.complexity.time_ort_sessions),
-    as the unlock path runs them (all graph optimisations, --threads intra-op threads), and prints median
-    ms per face and the fp32/int8 speed ratio;
-  - embeds held-out real faces with both and reports the cosine between fp32 and int8 embeddings of the
-    same face (mean, 1st percentile, min) and how far int8 moves the pair scores a threshold is applied
-    to (|cos_int8(a, b) - cos_fp32(a, b)| over all pairs: mean and max).
-Held-out faces (none is in the calibration manifest): 8 glint24 crops per identity (192), the same crops
-with a seeded synthetic mask (192), and 200 LFW images (seeded sample) detected and aligned with the SDK's
-MTCNN. LFW is only evaluated here; nothing is calibrated or tuned on it.
+  - times FP32 and every INT8 session interleaved run by run (edge_mfr.models.complexity.time_ort_sessions),
+    as the unlock path runs them (all graph optimisations), on --threads intra-op threads (default 1), and
+    prints the median ms per face and the FP32/INT8 speed ratio at batch 1 and 32;
+  - size of each .onnx on disk;
+  - cosine between FP32 and INT8 embeddings of the same held-out face (edge_mfr.quant.gate: celeba_test
+    calib photos, half masked, identities disjoint from training and calibration): mean and min.
+    --latency-only skips it (an untrained export: its embeddings mean nothing, only its speed does);
+  - when an INT8 variant is under 1.5x faster at batch 1 (or with --profile), a per-op-type profile of
+    one FP32 and one INT8 session from onnxruntime's profiler (ms per face at batch 1, share of the run),
+    and the CPU's int8 dot-product features from /proc/cpuinfo (avx512_vnni, avx_vnni, amx_int8).
 
-Run: nice python benchmarks/bench_int8.py [--package path/to/student.onnx ...] [--threads 2] [--json out.json]
+Run: OMP_NUM_THREADS=1 python benchmarks/bench_int8.py [PACKAGE ...] [--latency-only] [--json out.json]
+(PACKAGE: a .onnx/.json path, a package folder or a bundled name).
 """
 
 from __future__ import annotations
@@ -25,140 +28,189 @@ import argparse
 import json
 import sys
 import tempfile
+from collections import defaultdict
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edge_mfr.align import ARCFACE_TEMPLATE_112, align_faces  # noqa: E402
-from edge_mfr.masks import MASK_TYPES, apply_mask  # noqa: E402
 from edge_mfr.models.complexity import ort_cpu_session, time_ort_sessions  # noqa: E402
-from edge_mfr.models.package import default_model, load_package  # noqa: E402
+from edge_mfr.models.package import load_package  # noqa: E402
+from edge_mfr.quant.gate import held_out_agreement, held_out_faces  # noqa: E402
 from edge_mfr.quant.manifest import default_data_root, load_manifest  # noqa: E402
 from edge_mfr.quant.ptq import quantize_package  # noqa: E402
-from edge_mfr.runtime.ort import OrtEmbedder  # noqa: E402
 
-GLINT_PER_IDENTITY = 8
-LFW_IMAGES = 200
-
-
-def held_out_sources(data_root: Path, manifest, seed: int) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
-    """(BGR image, (5, 2) landmarks) per held-out set; the same images feed every package."""
-    from edge_mfr.detect import MTCNNDetector
-
-    rng = np.random.default_rng(seed)
-    used = {entry.path for entry in manifest.entries}
-    glint, masked = [], []
-    for folder in sorted(p for p in (data_root / "glint24").iterdir() if p.is_dir()):
-        files = [f for f in sorted(folder.glob("*.jpg")) if f.relative_to(data_root).as_posix() not in used]
-        for file in rng.choice(files, GLINT_PER_IDENTITY, replace=False):
-            image = cv2.imread(str(file), cv2.IMREAD_COLOR)
-            glint.append((image, ARCFACE_TEMPLATE_112))
-            mask_type = MASK_TYPES[len(masked) % len(MASK_TYPES)]
-            masked.append((apply_mask(image, ARCFACE_TEMPLATE_112, mask_type, int(rng.integers(2**31))),
-                           ARCFACE_TEMPLATE_112))
-    detector = MTCNNDetector()
-    lfw_files = sorted((data_root / "lfw" / "images").glob("*/*.jpg"))
-    lfw = []
-    for file in rng.choice(lfw_files, LFW_IMAGES, replace=False):
-        image = cv2.imread(str(file), cv2.IMREAD_COLOR)
-        face = detector.detect_largest(image)
-        if face is not None:
-            lfw.append((image, face.landmarks))
-    return {"glint24": glint, "glint24 masked": masked, "lfw": lfw}
+TARGET_SPEEDUP = 1.5
+VARIANTS = {"int8-ort": {"method": "ort"},
+            "int8-ort-fullrange": {"method": "ort", "reduce_range": False},
+            "int8-nncf": {"method": "nncf"}}
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_tile")
+PROFILE_TOP = 8
 
 
-def aligned(sources, package) -> np.ndarray:
-    return np.stack([align_faces(image, landmarks, template=package.template, size=package.input_size,
-                                 channel_order=package.channel_order, mean=package.mean, std=package.std)[0]
-                     for image, landmarks in sources])
+def cpu_features() -> dict:
+    flags: set[str] = set()
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+            elif line.startswith("model name") and model == "unknown":
+                model = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return {"model": model, **{flag: flag in flags for flag in CPU_FLAGS}}
 
 
-def agreement(fp32: np.ndarray, int8: np.ndarray) -> dict:
-    cosine = np.sum(fp32 * int8, axis=1)
-    upper = np.triu_indices(len(fp32), k=1)
-    drift = np.abs((int8 @ int8.T)[upper] - (fp32 @ fp32.T)[upper])
-    return {"faces": len(fp32), "mean_cosine": float(cosine.mean()), "p1_cosine": float(np.percentile(cosine, 1)),
-            "min_cosine": float(cosine.min()), "pair_score_drift_mean": float(drift.mean()),
-            "pair_score_drift_max": float(drift.max())}
+def load_average() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
 
 
-def latency(fp32_pkg, int8_pkgs: dict, threads: int, repeats: dict[int, int]) -> dict:
-    sessions = {"fp32": ort_cpu_session(fp32_pkg.onnx_path, threads)}
-    sessions.update({name: ort_cpu_session(pkg.onnx_path, threads) for name, pkg in int8_pkgs.items()})
-    h, w = fp32_pkg.input_size
-    rng = np.random.default_rng(0)
-    out = {}
-    for batch_size, runs in repeats.items():
-        batch = rng.uniform(-1, 1, (batch_size, 3, h, w)).astype(np.float32)  # speed does not depend on content
-        out[batch_size] = time_ort_sessions(sessions, batch, threads, runs)
-    return out
+def op_profile(onnx_path: Path, batch: np.ndarray, threads: int, runs: int) -> dict:
+    """ms per face by op type (kernel time from onnxruntime's profiler), averaged over `runs` runs."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    with tempfile.TemporaryDirectory(prefix="bench-int8-profile-") as tmp:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tmp) / "trace")
+        session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        feed = {session.get_inputs()[0].name: batch}
+        for _ in range(3):
+            session.run(None, feed)
+        session.end_profiling()  # drop the warm-up runs
+        session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        for _ in range(runs + 1):
+            session.run(None, feed)
+        trace = json.loads(Path(session.end_profiling()).read_text())
+    by_op: dict[str, float] = defaultdict(float)
+    nodes: dict[str, set] = defaultdict(set)
+    model_run_us = [event["dur"] for event in trace if event.get("cat") == "Session" and event["name"] == "model_run"]
+    for event in trace:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            op = event.get("args", {}).get("op_name", "?")
+            by_op[op] += event["dur"]
+            nodes[op].add(event["name"])
+    faces = len(batch)
+    total_runs = len(model_run_us)
+    per_face = {op: us / 1e3 / total_runs / faces for op, us in by_op.items()}
+    return {"runs": total_runs, "model_run_ms_per_face": float(np.median(model_run_us)) / 1e3 / faces,
+            "kernel_ms_per_face": sum(per_face.values()),
+            "ops": {op: {"ms_per_face": ms, "nodes": len(nodes[op])}
+                    for op, ms in sorted(per_face.items(), key=lambda kv: -kv[1])}}
+
+
+def print_profile(name: str, profile: dict) -> None:
+    total = profile["kernel_ms_per_face"]
+    print(f"  {name}: model_run {profile['model_run_ms_per_face']:.3f} ms/face, kernels {total:.3f} ms/face "
+          f"({profile['runs']} runs)")
+    for op, row in list(profile["ops"].items())[:PROFILE_TOP]:
+        print(f"    {op:24s} {row['ms_per_face']:8.3f} ms  {100 * row['ms_per_face'] / total:5.1f}%  "
+              f"({row['nodes']} nodes)")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--package", action="append", default=[], help="extra fp32 package (a student); repeatable")
+    parser.add_argument("packages", nargs="*", default=["dlib_resnet_v1"],
+                        help="FP32 packages (paths or bundled names); default: the bundled teacher")
     parser.add_argument("--manifest", type=Path, default=None, help="calibration manifest (default: the repo's)")
     parser.add_argument("--data-root", type=Path, default=default_data_root())
-    parser.add_argument("--out-dir", type=Path, default=None, help="keep the int8 packages here (default: temporary)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats-b1", type=int, default=40)
-    parser.add_argument("--repeats-b32", type=int, default=8)
-    parser.add_argument("--no-nncf", action="store_true", help="only the ONNX Runtime quantizer")
+    parser.add_argument("--out-dir", type=Path, default=None, help="keep the INT8 packages here (default: temporary)")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats-b1", type=int, default=60)
+    parser.add_argument("--repeats-b32", type=int, default=6)
+    parser.add_argument("--held-out-faces", type=int, default=200)
+    parser.add_argument("--latency-only", action="store_true",
+                        help="no cosine to FP32 (for untrained exports: only their speed means anything)")
+    parser.add_argument("--profile", action="store_true", help="profile ops even when INT8 reaches the target")
+    parser.add_argument("--profile-runs", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
 
     manifest = load_manifest(args.manifest)
-    packages = [default_model()] + [load_package(p) for p in args.package]
-    sources = held_out_sources(args.data_root, manifest, args.seed)
-    print("held-out faces: " + ", ".join(f"{name} {len(s)}" for name, s in sources.items()))
-    variants = {"int8-ort": {"method": "ort"}, "int8-ort-fullrange": {"method": "ort", "reduce_range": False}}
-    if not args.no_nncf:
-        variants["int8-nncf"] = {"method": "nncf"}
+    packages = [load_package(p) for p in args.packages]
+    cpu = cpu_features()
+    print(f"CPU: {cpu['model']}; " + ", ".join(f"{flag} {'yes' if cpu[flag] else 'no'}" for flag in CPU_FLAGS))
+    faces = None
+    if not args.latency_only:
+        faces = held_out_faces(args.data_root, manifest, args.held_out_faces, args.seed)
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-int8-") as tmp:
         out_dir = args.out_dir or Path(tmp)
         for fp32 in packages:
-            int8 = {name: quantize_package(fp32, out_dir / name, manifest, data_root=args.data_root, **settings)
-                    for name, settings in variants.items()}
-            times = latency(fp32, int8, args.threads, {1: args.repeats_b1, 32: args.repeats_b32})
-            fp32_embedder = OrtEmbedder(fp32, threads=args.threads)
+            int8 = {name: quantize_package(fp32, out_dir / name, manifest, data_root=args.data_root,
+                                           min_calibration_cosine=0.0 if args.latency_only else 0.95,
+                                           **VARIANTS[name])
+                    for name in args.variants}
+            sessions = {"fp32": ort_cpu_session(fp32.onnx_path, args.threads)}
+            sessions.update({name: ort_cpu_session(pkg.onnx_path, args.threads) for name, pkg in int8.items()})
+            h, w = fp32.input_size
+            rng = np.random.default_rng(args.seed)
+            batches = {b: rng.uniform(-1, 1, (b, 3, h, w)).astype(np.float32) for b in (1, 32)}  # speed only
+            times = {1: time_ort_sessions(sessions, batches[1], args.threads, args.repeats_b1),
+                     32: time_ort_sessions(sessions, batches[32], args.threads, args.repeats_b32)}
+            row = {"model": fp32.name, "fingerprint": fp32.fingerprint[:12], "threads": args.threads,
+                   "fp32": {"size_bytes": fp32.onnx_path.stat().st_size,
+                            **{f"b{b}_ms_per_face": times[b]["fp32"].median_ms_per_face for b in times},
+                            **{f"b{b}_min_ms_per_face": times[b]["fp32"].min_ms_per_face for b in times}},
+                   "int8": {}}
             for name, package in int8.items():
-                int8_embedder = OrtEmbedder(package, threads=args.threads)
-                row = {"model": fp32.name, "variant": name, "int8_package": package.name,
-                       "fingerprint": package.fingerprint[:12], "threads": args.threads}
-                for batch_size, by_session in times.items():
-                    base, quant = by_session["fp32"], by_session[name]
-                    row[f"b{batch_size}"] = {"fp32_ms_per_face": base.median_ms_per_face,
-                                             "int8_ms_per_face": quant.median_ms_per_face,
-                                             "speedup": base.median_ms_per_face / quant.median_ms_per_face,
-                                             "runs": quant.runs}
-                for set_name, set_sources in sources.items():
-                    faces = aligned(set_sources, fp32)
-                    row[set_name] = agreement(fp32_embedder.embed(faces), int8_embedder.embed(faces))
-                results.append(row)
+                entry = {"package": package.name, "fingerprint": package.fingerprint[:12],
+                         "size_bytes": package.onnx_path.stat().st_size}
+                for b in times:
+                    entry[f"b{b}_ms_per_face"] = times[b][name].median_ms_per_face
+                    entry[f"b{b}_min_ms_per_face"] = times[b][name].min_ms_per_face
+                    entry[f"b{b}_speedup"] = times[b]["fp32"].median_ms_per_face / times[b][name].median_ms_per_face
+                if faces is not None:
+                    entry["held_out"] = held_out_agreement(fp32, package, faces, args.threads)
+                row["int8"][name] = entry
+            slow = [name for name, e in row["int8"].items() if e["b1_speedup"] < TARGET_SPEEDUP]
+            if slow or args.profile:
+                row["profile_b1"] = {"fp32": op_profile(fp32.onnx_path, batches[1], args.threads, args.profile_runs)}
+                for name in (list(int8) if args.profile else slow):
+                    row["profile_b1"][name] = op_profile(int8[name].onnx_path, batches[1], args.threads,
+                                                         args.profile_runs)
+            results.append(row)
 
-    print(f"\nONNX Runtime CPU, {args.threads} threads, median ms per face (speedup = fp32 / int8)")
-    print("| model | variant | b1 fp32 | b1 int8 | b1 speedup | b32 fp32 | b32 int8 | b32 speedup |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in results:
-        cells = [f"{r[b]['fp32_ms_per_face']:.2f} | {r[b]['int8_ms_per_face']:.2f} | {r[b]['speedup']:.2f}x"
-                 for b in ("b1", "b32")]
-        print(f"| {r['model']} | {r['variant']} | {cells[0]} | {cells[1]} |")
-    print("\nfp32 vs int8 embeddings of the same held-out face (cosine) and pair-score drift |s_int8 - s_fp32|")
-    print("| model | variant | set | faces | mean cos | p1 cos | min cos | drift mean | drift max |")
+    print(f"\nONNX Runtime {__import__('onnxruntime').__version__} CPU, {args.threads} thread(s), "
+          f"median ms per face (speedup = fp32 / int8); size of the .onnx")
+    print(f"load average at the end: {load_average()} (other processes share these cores: the interleaved "
+          "runs spread their load over all sessions alike; min = fastest run)")
+    print("| model | variant | size MB | b1 ms (min) | b1 speedup | b32 ms (min) | b32 speedup | mean cos | min cos |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        for set_name in sources:
-            a = r[set_name]
-            print(f"| {r['model']} | {r['variant']} | {set_name} | {a['faces']} | {a['mean_cosine']:.5f} | "
-                  f"{a['p1_cosine']:.5f} | {a['min_cosine']:.5f} | {a['pair_score_drift_mean']:.5f} | "
-                  f"{a['pair_score_drift_max']:.5f} |")
+        f = r["fp32"]
+        print(f"| {r['model']} | fp32 | {f['size_bytes'] / 2**20:.2f} | {f['b1_ms_per_face']:.3f} "
+              f"({f['b1_min_ms_per_face']:.3f}) | 1.00x | {f['b32_ms_per_face']:.3f} ({f['b32_min_ms_per_face']:.3f}) "
+              "| 1.00x | 1 | 1 |")
+        for name, e in r["int8"].items():
+            cos = e.get("held_out")
+            cells = (f"{cos['mean_cosine']:.5f} | {cos['min_cosine']:.5f}" if cos else "n/a | n/a")
+            print(f"| {r['model']} | {name} | {e['size_bytes'] / 2**20:.2f} | {e['b1_ms_per_face']:.3f} "
+                  f"({e['b1_min_ms_per_face']:.3f}) | {e['b1_speedup']:.2f}x | {e['b32_ms_per_face']:.3f} "
+                  f"({e['b32_min_ms_per_face']:.3f}) | {e['b32_speedup']:.2f}x | {cells} |")
+    if faces is not None:
+        print(f"cosine: FP32 vs INT8 embedding of the same face, {len(faces.paths)} held-out celeba_test calib "
+              f"faces ({sum(faces.masked)} masked)")
+    for r in results:
+        if "profile_b1" in r:
+            print(f"\nwhere the time goes, {r['model']}, batch 1, {args.threads} thread(s) (onnxruntime profiler, "
+                  f"top {PROFILE_TOP} op types):")
+            for name, profile in r["profile_b1"].items():
+                print_profile(name, profile)
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        args.json.write_text(json.dumps({"cpu": cpu, "load_average": load_average(), "argv": sys.argv[1:],
+                                         "results": results}, indent=2) + "\n")
     return 0
 
 

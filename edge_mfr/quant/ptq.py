@@ -9,7 +9,8 @@ Two quantizers calibrated on the same real, hash-pinned faces (edge_mfr.quant.ma
   built once and run on unknown CPUs, so the safe choice is the default. On an AVX2 machine
   (benchmarks/bench_int8.py, held-out real faces) it took the teacher's fp32/int8 cosine from mean
   0.991-0.995 / min 0.92 with 8-bit weights to mean 0.999 / min 0.997.
-- "nncf": nncf.quantize on the ONNX model (NNCF's own range setting and fast bias correction).
+- "nncf": nncf.quantize on the ONNX model (NNCF's own range setting and fast bias correction), with its
+  signed activations re-expressed as uint8 (`unsigned_activations`) so ONNX Runtime fuses every conv.
 
 Both start from the graph after onnxruntime's quantization pre-processing (shape inference and graph
 optimisation, so Conv+BN+activation are fused before ranges are observed). The result is refused if its
@@ -112,7 +113,41 @@ def _quantize_nncf(src: Path, dst: Path, faces: np.ndarray, input_name: str, set
     # (the students' decomposed PReLU), which ONNX Runtime's QLinearConv cannot run.
     advanced = AdvancedQuantizationParameters(activations_quantization_params=QuantizationParameters(per_channel=False))
     quantized = nncf.quantize(onnx.load(str(src)), dataset, subset_size=len(faces), advanced_parameters=advanced)
+    unsigned_activations(quantized)
     onnx.save(quantized, str(dst))
+
+
+def unsigned_activations(model) -> int:
+    """Rewrite every int8 activation Quantize/DequantizeLinear pair to uint8, exactly; returns how many.
+
+    NNCF quantizes activations that can be negative (a projection conv's output, a residual sum) to int8
+    and the rest (after ReLU) to uint8. ONNX Runtime's CPU QLinearConv needs input and output of one type,
+    so every conv between a signed and an unsigned tensor stays float, wrapped in Q/DQ pairs and layout
+    Transposes: slower than FP32 (benchmarks/bench_int8.py profiles it). q_u8 = q_s8 + 128 with zero point
+    zp_s8 + 128 represents the same real values, so the graph's arithmetic does not change. Weights (int8
+    constants behind DequantizeLinear) stay int8.
+    """
+    from onnx import TensorProto, numpy_helper
+
+    initializers = {init.name: init for init in model.graph.initializer}
+    constants = set(initializers)
+    zero_points = set()
+    for node in model.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(node.input) == 3:
+            is_weight = node.op_type == "DequantizeLinear" and node.input[0] in constants
+            zero_point = initializers.get(node.input[2])
+            if not is_weight and zero_point is not None and zero_point.data_type == TensorProto.INT8:
+                zero_points.add(node.input[2])
+    for name in zero_points:
+        values = numpy_helper.to_array(initializers[name]).astype(np.int16) + 128
+        initializers[name].CopyFrom(numpy_helper.from_array(values.astype(np.uint8), name))
+    # The quantized tensors change type too: fix any recorded type (shape inference wrote int8 there).
+    retyped = {node.output[0] for node in model.graph.node
+               if node.op_type == "QuantizeLinear" and len(node.input) == 3 and node.input[2] in zero_points}
+    for info in list(model.graph.value_info) + list(model.graph.output):
+        if info.name in retyped:
+            info.type.tensor_type.elem_type = TensorProto.UINT8
+    return len(zero_points)
 
 
 def quantize_package(package: ModelPackage, out_dir: str | Path,
@@ -185,7 +220,9 @@ def quantize_package(package: ModelPackage, out_dir: str | Path,
         else:
             nncf = _require("nncf")
             tool = {"tool": "nncf.quantize (ONNX backend)", "version": nncf.__version__, "format": "QDQ",
-                    "preset": "performance (symmetric)", "activations": "per-tensor", "fast_bias_correction": True}
+                    "preset": "performance", "activations": "per-tensor",
+                    "activation_type": "uint8 (NNCF's int8 activations shifted exactly: unsigned_activations)",
+                    "fast_bias_correction": True}
         recipe = dict(package.meta.get("recipe", {}))
         recipe["quantization"] = {
             **tool,
