@@ -1,12 +1,16 @@
-"""CPU latency per unlock stage and end to end on a 640x480 frame with one face.
+"""Whole-unlock latency, per stage and end to end, on 640x480 frames with one face (the same run as
+`edge-mfr bench`, which device teams run on their hardware; docs/bench.md explains the numbers).
 
-Run: python benchmarks/bench_unlock.py [--model NAME_OR_PATH ...] [--threads N] [--repeats 30]
-(the same numbers as `edge-mfr bench`, which device teams run on their hardware).
+Run, e.g. the comparison in docs/bench.md (40 LFW faces, one thread, three detectors and face_recognition):
+    OMP_NUM_THREADS=1 python benchmarks/bench_unlock.py --images DIR --detector yunet --detector mtcnn \
+        --detector mtcnn-fast --compare face_recognition --iterations 120 --json out.json --plot out.png
 """
 
 import sys
+from pathlib import Path
 
-from edge_mfr.cli import main
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from edge_mfr.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(["bench", *sys.argv[1:]]))

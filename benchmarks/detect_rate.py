@@ -1,4 +1,5 @@
-"""Detection rate (share of images with at least one face) and per-image latency of MTCNNDetector.
+"""Detection rate (share of images with at least one face) and per-image latency of a detector (--detector NAME,
+any of edge_mfr.detect.available_detectors(); default mtcnn).
 
 Runs on the real masked photos of rmfd_sample (246) and on celeba299 (6,300 unmasked in-the-wild images,
 or a fixed-seed subset with --celeba-limit). Every image of both sets shows at least one face, so the
@@ -7,6 +8,7 @@ excluded), single process, after one warm-up call; the process CPU time per call
 is far less disturbed by other jobs on a shared machine.
 
     nice python benchmarks/detect_rate.py                       # defaults, full celeba299
+    nice python benchmarks/detect_rate.py --detector yunet --celeba-limit 1000
     nice python benchmarks/detect_rate.py --celeba-limit 1000 --min-face-fraction 0 --thresholds 0.6 0.7 0.8
 """
 from __future__ import annotations
@@ -20,12 +22,12 @@ import cv2
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from edge_mfr.detect import MTCNNDetector  # noqa: E402
+from edge_mfr.detect import available_detectors, get_detector  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def measure(detector: MTCNNDetector, paths: list[Path]) -> dict:
+def measure(detector, paths: list[Path]) -> dict:
     """Detect on every image; returns rate, face counts, latencies (ms) and the paths with no face."""
     latencies, cpu_times, counts, misses, relative_sizes = [], [], [], [], []
     detector.detect(cv2.imread(str(paths[0])))  # warm-up: first ORT runs allocate
@@ -60,6 +62,7 @@ def measure(detector: MTCNNDetector, paths: list[Path]) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--detector", default="mtcnn", choices=available_detectors())
     parser.add_argument("--celeba-limit", type=int, default=0, help="random subset size (0 = all 6,300)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--min-face-size", type=float, default=None)
@@ -76,12 +79,10 @@ def main() -> int:
         options["min_face_fraction"] = args.min_face_fraction
     if args.thresholds is not None:
         options["thresholds"] = tuple(args.thresholds)
-    detector = MTCNNDetector(**options)
-    print(
-        f"MTCNNDetector(min_face_size={detector.min_face_size:g}, "
-        f"min_face_fraction={detector.min_face_fraction:g}, thresholds={detector.thresholds}, "
-        f"scale_factor={detector.scale_factor}, max_side={detector.max_side}, threads={detector.threads})"
-    )
+    detector = get_detector(args.detector, **options)
+    settings = detector.config() if hasattr(detector, "config") else {
+        k: getattr(detector, k) for k in ("min_face_size", "min_face_fraction", "thresholds", "scale_factor", "max_side")}
+    print(f"{args.detector}: {settings}, threads={detector.threads}")
 
     rmfd = sorted((args.data / "rmfd_sample").glob("*/*.jpg"))
     celeba = sorted((args.data / "celeba299" / "images").glob("*.jpg"))
