@@ -306,3 +306,23 @@ def test_no_camera_and_denied_camera_get_clear_messages(tmp_path, clips, playwri
         page = open_kiosk(context, server)
         expect(page.locator("#camera-error")).to_contain_text("Camera permission was denied")
         leave(page)
+
+
+def test_upload_cut_off_midway_is_dropped_quietly(tmp_path, start_server):
+    """A tab closed while a frame is uploading: the server drops the request without a traceback (the
+    start_server fixture fails the test on any traceback in the server's output) and keeps serving."""
+    import json
+    import socket
+    import urllib.request
+
+    server = start_server(tmp_path / "g.emfr")
+    request = urllib.request.Request(server.url + "api/session", data=b"{}", method="POST",
+                                     headers={"Content-Type": "application/json"})
+    token = json.loads(urllib.request.urlopen(request, timeout=10).read())["token"]
+    host, port = server.url[len("http://"):].strip("/").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as raw:
+        raw.sendall(f"POST /api/frame HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: image/jpeg\r\n"
+                    f"X-Kiosk-Session: {token}\r\nContent-Length: 500000\r\n\r\n".encode() + b"\xff\xd8" * 1000)
+    time.sleep(0.5)
+    ping = urllib.request.Request(server.url + "api/ping", data=b"", method="POST", headers={"X-Kiosk-Session": token})
+    assert json.loads(urllib.request.urlopen(ping, timeout=10).read())["mode"] == "preview"

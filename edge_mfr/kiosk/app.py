@@ -20,7 +20,7 @@ from importlib import resources
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -103,6 +103,9 @@ def create_app(station: Station, allowed_hosts: tuple[str, ...] | None = LOOPBAC
                 token = request.headers.get(SESSION_HEADER, "")
                 body = await json_body(request) if needs_json else None
                 result = await handler(request, token, body)
+            except ClientDisconnect:
+                # The page went away mid-upload (tab closed, reload): nobody reads an answer, nothing to undo.
+                return Response(status_code=400)
             except RequestRefused as exc:
                 if exc.status == 403:
                     log.warning("refused %s %s: %s", request.method, request.url.path, exc)
