@@ -1,4 +1,4 @@
-"""Peak memory (max RSS) of `edge-mfr verify` on a 12000x12000 JPEG and of `edge-mfr enroll` with 8 of them.
+"""Peak memory (max RSS) of `edge-mfr verify` on a 12000x12000 JPEG and of `edge-mfr enroll` with 1 and 8 of them.
 
 Each command runs in a fresh child process; its peak resident set size comes from the kernel (wait4's
 ru_maxrss), so it includes the interpreter, ONNX Runtime and the model. The same commands on the 640x512
@@ -122,6 +122,8 @@ def main() -> int:
             (f"verify, {SIDE}x{SIDE} JPEG", ["verify", *common, "--user", "alice", str(large[2])]),
             (f"verify, {SIDE}x{SIDE} JPEG, fill byte", ["verify", *common, "--user", "alice",
                                                         str(workdir / "large_fill_byte.jpg")]),
+            # One image, then eight: the difference is what each further image costs.
+            (f"enroll, 1 x {SIDE}x{SIDE} JPEG", ["enroll", *common, "--user", "carol", str(large[0])]),
             (f"enroll, 8 x {SIDE}x{SIDE} JPEG", ["enroll", *common, "--user", "bob", *map(str, large)]),
         ]
         git = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)

@@ -223,11 +223,12 @@ def decode_image(data: bytes, name: str = "image", max_pixels: int = MAX_PIXELS)
         size = f"{header.width}x{header.height} {header.format}"
         if not header.reducible:
             raise InputError(f"{name}: {size} image is above the {max_pixels / 1e6:g} MP limit")
-        if header.pixels > max(MAX_JPEG_SOURCE_PIXELS, max_pixels):
-            raise InputError(f"{name}: {size} image is above the {MAX_JPEG_SOURCE_PIXELS / 1e6:g} MP limit "
+        if header.pixels > max(MAX_JPEG_SOURCE_PIXELS, max_pixels) or header.pixels / 64 > max_pixels:
+            limit = min(max(MAX_JPEG_SOURCE_PIXELS, max_pixels), 64 * max_pixels)
+            raise InputError(f"{name}: {size} image is above the {limit / 1e6:g} MP limit "
                              "for JPEGs decoded at reduced scale")
         # A sequential JPEG decodes natively at 1/2, 1/4 or 1/8 scale, so memory stays bounded.
-        factor = next((f for f in (2, 4, 8) if header.pixels / f**2 <= max_pixels), 8)
+        factor = next(f for f in (2, 4, 8) if header.pixels / f**2 <= max_pixels)
         flags = _REDUCED_FLAGS[factor] | cv2.IMREAD_IGNORE_ORIENTATION
     try:
         image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)

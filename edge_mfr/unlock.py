@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -28,14 +28,16 @@ COMPETING_FACE_RATIO = 0.5
 # Masks drawn on the enrollment captures of a user enrolled without one, so masked probes meet masked templates.
 SYNTHETIC_MASK_TYPES = ("surgical", "kn95", "cloth")
 
-MaskSynthesizer = Callable[[np.ndarray, np.ndarray, np.random.Generator], list[tuple[str, np.ndarray]]]
+MaskSynthesizer = Callable[[np.ndarray, np.ndarray, np.random.Generator], Iterable[tuple[str, np.ndarray]]]
 
 
-def synthesize_masked_copies(image: np.ndarray, landmarks: np.ndarray, rng: np.random.Generator) -> list[tuple[str, np.ndarray]]:
-    """Default enrollment hook: the capture with each of SYNTHETIC_MASK_TYPES drawn on it."""
+def synthesize_masked_copies(image: np.ndarray, landmarks: np.ndarray, rng: np.random.Generator) -> Iterator[tuple[str, np.ndarray]]:
+    """Default enrollment hook: the capture with each of SYNTHETIC_MASK_TYPES drawn on it, one at a time
+    (a generator, so that only one full-size masked copy exists at once)."""
     from .masks import apply_mask
 
-    return [(mask_type, apply_mask(image, landmarks, mask_type, rng)) for mask_type in SYNTHETIC_MASK_TYPES]
+    for mask_type in SYNTHETIC_MASK_TYPES:
+        yield mask_type, apply_mask(image, landmarks, mask_type, rng)
 
 
 def unlock_detector(name: str = DEFAULT_DETECTOR, enroll_policy: QualityPolicy | None = None,
@@ -249,6 +251,7 @@ class FaceUnlock:
                         synthetic_templates.append(self.embedder.embed_faces(masked, cap.detection.landmarks[None])[0])
                         synthetic_info.append({"source": Path(cap.source).name, "masked": True, "synthetic": True,
                                                "mask_type": mask_type})
+                        del masked
             del frame  # let the next capture's decode reuse this one's memory
         if len(accepted) < min_captures:
             details = "; ".join(f"{k}: {', '.join(v)}" for k, v in refused.items())

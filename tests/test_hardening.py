@@ -222,6 +222,8 @@ def test_fill_byte_no_longer_hides_the_size_of_a_large_jpeg(enrolled, tmp_path):
     plain = decode_image(_jpeg_claiming(12000, 12000))
     filled = decode_image(_jpeg_claiming(12000, 12000, fill_byte=True))
     assert plain.shape == filled.shape == (6000, 6000, 3)
+    with pytest.raises(InputError, match="above the 64 MP limit"):  # even 1/8 scale would not fit 1 MP
+        decode_image(_jpeg_claiming(12000, 12000, fill_byte=True), max_pixels=1_000_000)
     image = tmp_path / "fill_byte_12000.jpg"
     image.write_bytes(_jpeg_claiming(12000, 12000, fill_byte=True))
     before = snapshot(enrolled.parent)
