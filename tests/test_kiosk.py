@@ -360,12 +360,18 @@ def test_malformed_oversized_and_mistyped_frames_are_refused_and_the_gallery_is_
     assert _digest(gallery) == before and station.unlock.gallery().users() == ["alice"]
 
 
-def test_preview_advice_for_a_dark_or_distant_face(kiosk):
-    client, _, _ = kiosk
+def test_preview_advice_for_a_dark_distant_or_masked_face(kiosk):
+    client, station, _ = kiosk
     headers = _session(client)
     photo = load_image(DEMO / "person_a_3.jpg")
     dark = _frame(client, headers, _jpeg((photo * 0.15).astype(np.uint8))).json()
     assert dark["faces"] == 1 and "Too dark: add light in front of you" in dark["advice"] and not dark["ok"]
+    from edge_mfr.masks import apply_mask
+
+    face = station.unlock.detector.detect_largest(photo)
+    masked = _frame(client, headers, _jpeg(apply_mask(photo, face.landmarks, "surgical", 0))).json()
+    assert masked["masked"] and masked["ok"]
+    assert not _frame(client, headers, _jpeg(photo)).json()["masked"]
     # Far away: eyes ~28 px apart, enough to unlock (24) but not to enroll (32).
     small = np.zeros((1200, 1600, 3), np.uint8)
     small[:269, :215] = cv2.resize(photo, (215, 269))

@@ -40,6 +40,7 @@ FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "-
          "--disable-component-update", "--disable-sync"]
 FRAME_W, FRAME_H, FPS = 640, 480, 5
 expect = sync_api.expect
+expect.set_options(timeout=10_000)  # generous: CI machines are small and shared
 
 
 def write_y4m(path: Path, photos: list[str], frames_each: int) -> Path:

@@ -214,7 +214,8 @@ function handleFrame(reply) {
     advice.textContent = reply.advice.join(" · ");
     advice.className = "advice warn";
   } else {
-    advice.textContent = { enroll: "Good, hold still", unlock: "Checking…" }[reply.mode] || "Face found: ready";
+    const ready = { enroll: "Good, hold still", unlock: "Checking…" }[reply.mode] || "Face found: ready";
+    advice.textContent = reply.masked ? "Mask detected. " + ready : ready;
     advice.className = "advice ok";
   }
   if (reply.enrollment) showProgress(reply.enrollment);
