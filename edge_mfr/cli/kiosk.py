@@ -20,6 +20,7 @@ PIN_ENV = "EDGE_MFR_KIOSK_PIN"
 DEFAULT_PORT = 8750
 # The keys of edge_mfr.kiosk.liveness.LIVENESS_CHECKS, spelled out so `edge-mfr --help` need not import the pipeline.
 LIVENESS_NAMES = ("none", "head-turn")
+WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]")
 
 
 def _read_new_pin() -> str:
@@ -48,7 +49,7 @@ def _is_loopback(host: str) -> bool:
 def _allowed_hosts(host: str) -> tuple[str, ...] | None:
     from ..kiosk.app import LOOPBACK_HOSTS
 
-    if host in ("0.0.0.0", "::"):
+    if host in WILDCARD_HOSTS:
         return None  # any address of this machine: the Host check cannot know them all
     bare = host.strip("[]")
     named = f"[{bare}]" if ":" in bare else bare
@@ -100,16 +101,26 @@ def run(args) -> int:
                       enroll_captures=args.captures, masked_captures=args.masked_captures)
     if not _is_loopback(args.host):
         print(f"WARNING: serving on {args.host}, not on this device's loopback: other machines on the network "
-              "can reach the kiosk page and API (the PIN still guards enrollment). Browsers allow the camera only "
-              "on https or localhost pages. Use --host 127.0.0.1 unless you need this.", file=sys.stderr)
+              "can reach the kiosk page and API (the PIN still guards enrollment)"
+              + (", and the Host check against DNS rebinding is off for a wildcard address" if args.host in WILDCARD_HOSTS
+                 else "")
+              + ". Browsers allow the camera only on https or localhost pages. Use --host 127.0.0.1 unless you "
+              "need this.", file=sys.stderr)
     sock = _bind(args.host, args.port)
     port = sock.getsockname()[1]
-    shown = f"[{args.host.strip('[]')}]" if ":" in args.host else args.host
+    if args.host in WILDCARD_HOSTS:
+        shown = "127.0.0.1"  # the kiosk's own browser reaches a wildcard bind through loopback
+    else:
+        shown = f"[{args.host.strip('[]')}]" if ":" in args.host else args.host
     print(f"edge-mfr kiosk: open http://{shown}:{port}/ in the kiosk's browser (Ctrl+C stops); "
           f"liveness: {station.liveness.description}", flush=True)
     config = uvicorn.Config(create_app(station, _allowed_hosts(args.host)), log_level="warning", access_log=False,
                             server_header=False, limit_concurrency=32, timeout_keep_alive=5)
-    uvicorn.Server(config).run(sockets=[sock])
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl+C after its graceful shutdown: the normal way to stop
+        pass
+    print("edge-mfr kiosk: stopped")
     return 0
 
 
