@@ -190,9 +190,10 @@ def test_head_turn_challenge_refuses_a_still_photo_and_passes_a_turn(detector):
 # ------------------------------------------------------------------------------------------- the API
 @pytest.fixture(scope="module")
 def detector():
-    from edge_mfr.detect import MTCNNDetector
+    """The detector FaceUnlock deploys by default, built once for the module."""
+    from edge_mfr.unlock import unlock_detector
 
-    return MTCNNDetector()
+    return unlock_detector()
 
 
 @pytest.fixture
@@ -271,7 +272,7 @@ def test_enroll_through_the_api_then_unlock_and_refuse_an_impostor(kiosk):
     assert sorted(p.name for p in gallery.parent.iterdir()) == ["g.emfr", "g.emfr.kiosk.json", "g.emfr.lock"]
 
 
-def test_five_failed_unlocks_lock_the_kiosk_and_a_restart_keeps_the_lock(kiosk, model_package, detector):
+def test_five_failed_unlocks_lock_the_kiosk_and_a_restart_keeps_the_lock(kiosk):
     client, station, gallery = kiosk
     headers = _session(client)
     _enroll(client, headers)
