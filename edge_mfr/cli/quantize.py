@@ -47,6 +47,8 @@ def register(subparsers) -> None:
                                                              "(default: DATA_ROOT/lfw)")
     gate.add_argument("--lfw-pairs", type=int, default=None,
                       help="a balanced subset of N LFW pairs, for speed (default all 6000; 0 skips LFW)")
+    gate.add_argument("--eval-cache", type=Path, default=None,
+                      help="embedding cache folder for the LFW measurement (reuses FP32 embeddings across runs)")
     gate.add_argument("--no-gate", action="store_true", help="skip the accuracy gate (nothing measured or recorded)")
     gate.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads for the gate's inference")
     parser.add_argument("--json", action="store_true", help="print the new package's summary and recipe as JSON")
@@ -74,7 +76,7 @@ def gate_config(args):
                         min_cosine=None if skip_cosine else args.min_cosine,
                         max_eer_increase_points=None if args.lfw_pairs == 0 else args.max_eer_increase)
     return GateConfig(bounds=bounds, held_out_faces=args.gate_faces, lfw_dir=args.lfw, lfw_pairs=args.lfw_pairs,
-                      threads=args.threads)
+                      threads=args.threads, cache_dir=args.eval_cache)
 
 
 def _print_gate(measured: dict) -> None:

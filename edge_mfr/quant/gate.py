@@ -142,7 +142,7 @@ def held_out_agreement(fp32, int8, faces: HeldOutFaces, threads: int | None = No
 
 
 def lfw_change(fp32, int8, lfw_dir: str | Path, pairs: int | None = None, seed: int = 0,
-               threads: int | None = None) -> dict:
+               threads: int | None = None, cache_dir: str | Path | None = None) -> dict:
     """LFW U-U and U-M accuracy and EER of both packages (eval runner, default protocol) and INT8 - FP32."""
     from ..eval.pairs import read_pairs
     from ..eval.runner import evaluate_pairs
@@ -150,7 +150,7 @@ def lfw_change(fp32, int8, lfw_dir: str | Path, pairs: int | None = None, seed: 
     lfw_dir = Path(lfw_dir)
     pair_set = read_pairs(lfw_dir / "pairs.txt", lfw_dir / "images", limit=pairs)
     report = evaluate_pairs(pair_set, [fp32, int8], scenarios=LFW_SCENARIOS, seed=seed, threads=threads,
-                            n_resamples=0, progress=False)
+                            cache_dir=cache_dir, n_resamples=0, progress=False)
     by_model: dict[str, dict] = {"fp32": {}, "int8": {}}
     role = {fp32.fingerprint: "fp32", int8.fingerprint: "int8"}
     for result in report["results"]:
@@ -159,7 +159,9 @@ def lfw_change(fp32, int8, lfw_dir: str | Path, pairs: int | None = None, seed: 
                                     f"({result['fte_pairs']} of {result['n_pairs']} pairs failed to enrol)")
         by_model[role[result["fingerprint"]]][result["scenario"]] = {
             "accuracy": result["metrics"]["accuracy"]["mean"], "eer": result["metrics"]["eer"],
-            "n_scored": result["n_scored"], "fte_pairs": result["fte_pairs"]}
+            "n_scored": result["n_scored"], "fte_pairs": result["fte_pairs"],
+            # pairs where the detector missed a face: excluded from `metrics` by the runner, alike for both models
+            "detector_miss_pairs": (result.get("detector_misses") or {}).get("pairs")}
     change = {scenario: {"accuracy_points": 100 * (by_model["int8"][scenario]["accuracy"]
                                                    - by_model["fp32"][scenario]["accuracy"]),
                          "eer_points": 100 * (by_model["int8"][scenario]["eer"] - by_model["fp32"][scenario]["eer"])}
@@ -197,7 +199,8 @@ class GateConfig:
 
     held_out_faces: how many celeba_test calib faces (0 skips the agreement measurement).
     lfw_dir: LFW folder with pairs.txt and images/ (None: DATA_ROOT/lfw). lfw_pairs: a balanced subset of
-    that many pairs, None for all of them, 0 to skip LFW.
+    that many pairs, None for all of them, 0 to skip LFW. cache_dir: the eval runner's embedding cache
+    (keyed by model fingerprint, so the FP32 embeddings are reused when several INT8 variants are gated).
     """
 
     bounds: GateBounds = GateBounds()
@@ -206,6 +209,7 @@ class GateConfig:
     lfw_pairs: int | None = None
     seed: int = 0
     threads: int | None = None
+    cache_dir: Path | None = None
 
 
 def run_gate(fp32, int8, manifest: CalibrationManifest, data_root: str | Path, config: GateConfig) -> dict:
@@ -224,7 +228,8 @@ def run_gate(fp32, int8, manifest: CalibrationManifest, data_root: str | Path, c
         if not (lfw_dir / "pairs.txt").is_file():
             raise InputError(f"LFW for the accuracy gate not found at {lfw_dir} (pass --lfw DIR, or --lfw-pairs 0 "
                              "to skip the LFW measurement)")
-        measured["lfw"] = lfw_change(fp32, int8, lfw_dir, config.lfw_pairs, config.seed, config.threads)
+        measured["lfw"] = lfw_change(fp32, int8, lfw_dir, config.lfw_pairs, config.seed, config.threads,
+                                    config.cache_dir)
     measured["failures"] = check_bounds(measured, config.bounds)
     measured["passed"] = not measured["failures"]
     return measured
