@@ -442,15 +442,22 @@ def test_cli_refuses_to_start_without_a_pin_or_with_a_wrong_gallery_secret(tmp_p
     assert "6 to 32 digits" in capsys.readouterr().err
     assert not state_path_for(gallery).exists()
 
+    monkeypatch.setenv("EDGE_MFR_KIOSK_PIN", PIN)
+    monkeypatch.setenv("EDGE_MFR_PASSPHRASE", "short")
+    assert main(["kiosk", "--gallery", str(gallery)]) == 2
+    assert "needs at least 8 characters" in capsys.readouterr().err
+    assert not gallery.exists()
+
     from edge_mfr.gallery import Gallery
     from edge_mfr.models.package import default_model
 
+    monkeypatch.setenv("EDGE_MFR_PASSPHRASE", PASSPHRASE)
     Gallery.create(gallery, default_model().fingerprint, passphrase="another passphrase")
     before = _digest(gallery)
     monkeypatch.setenv("EDGE_MFR_KIOSK_PIN", PIN)
     assert main(["kiosk", "--gallery", str(gallery)]) == 2
     assert "wrong passphrase" in capsys.readouterr().err
-    assert _digest(gallery) == before
+    assert _digest(gallery) == before and not state_path_for(gallery).exists()
 
 
 def test_bind_address_rules():

@@ -82,21 +82,22 @@ def run(args) -> int:
     from ..kiosk.station import Station
     from ..unlock import FaceUnlock
 
+    if not 0 <= args.port <= 65535:
+        raise InputError(f"--port must be 0-65535, got {args.port}")
     secret = _secret(args)
     if not os.path.isdir(os.path.dirname(os.path.abspath(args.gallery))):
         raise InputError(f"{args.gallery}: its folder does not exist")
     unlock = FaceUnlock(model=args.model, gallery=args.gallery, fmr=args.fmr, threads=args.threads, **secret)
-    if unlock.gallery_path.exists():
-        users = unlock.gallery().users()  # a wrong secret or another model's gallery stops here, not in the page
-        print(f"gallery {args.gallery}: {len(users)} enrolled")
-    else:
-        print(f"gallery {args.gallery}: new; it is created at the first enrollment")
     state = KioskState(state_path_for(args.gallery))
-    if not state.pin_is_set or args.set_pin:
-        state.set_pin(_read_new_pin())
+    new_pin = _read_new_pin() if not state.pin_is_set or args.set_pin else None
+    # Open or create the gallery before saving a PIN: a wrong secret, a short passphrase or another model's
+    # gallery stops the command here, with exit 2, instead of failing later in the page.
+    existed = unlock.gallery_path.exists()
+    users = unlock.gallery(create=True).users()
+    print(f"gallery {args.gallery}: {len(users)} enrolled" if existed else f"gallery {args.gallery}: created, empty")
+    if new_pin is not None:
+        state.set_pin(new_pin)
         print(f"operator PIN set (salted scrypt hash in {state.path})")
-    if args.port < 0 or args.port > 65535:
-        raise InputError(f"--port must be 0-65535, got {args.port}")
     station = Station(unlock, state, liveness=LIVENESS_CHECKS[args.liveness](),
                       enroll_captures=args.captures, masked_captures=args.masked_captures)
     if not _is_loopback(args.host):
@@ -126,7 +127,7 @@ def run(args) -> int:
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("kiosk", help="local enrollment and unlock station in the browser (localhost)")
-    parser.add_argument("--gallery", required=True, help="encrypted gallery file (created at the first enrollment)")
+    parser.add_argument("--gallery", required=True, help="encrypted gallery file (created empty if missing)")
     parser.add_argument("--key-file", help="32-byte key file (otherwise $EDGE_MFR_PASSPHRASE is the passphrase)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1: this device only; others print a warning)")
