@@ -4,6 +4,7 @@
 
 const FRAME_INTERVAL_MS = 150;
 const PING_INTERVAL_MS = 5000;
+const RESULT_SHOWN_MS = 15000;  // then the result clears, so the next person does not see the last one's
 const $ = (id) => document.getElementById(id);
 
 let token = null;
@@ -11,6 +12,7 @@ let running = false;
 let stream = null;
 let pingTimer = null;
 let lockTimer = null;
+let resultTimer = null;
 let state = null;
 const grabCanvas = document.createElement("canvas");
 
@@ -247,6 +249,8 @@ function showDecision(d) {
     (d.accepted ? "" : `; ${d.tries_left} ${d.tries_left === 1 ? "try" : "tries"} left before a 30 s lockout`);
   el.appendChild(details);
   setMessage("unlock-message", d.error || "", d.error ? "error" : "");
+  clearTimeout(resultTimer);
+  resultTimer = setTimeout(() => { el.hidden = true; }, RESULT_SHOWN_MS);
 }
 
 function lockUnlock(seconds) {
