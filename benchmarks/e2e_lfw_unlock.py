@@ -2,7 +2,11 @@
 other photos with and without synthetic masks, and 200 impostor attempts; accept/reject rates at the
 default threshold (FMR 1e-4 from the model package), for max and mean aggregation over templates.
 
-Run: python benchmarks/e2e_lfw_unlock.py [--model NAME_OR_PATH] [--identities 20] [--probes 3] [--impostors 200]
+The deployed path throughout: `FaceUnlock` with its default detector (or --detector), the mask drawn at the
+unmasked photo's landmarks, and the masked frame handed to `verify`, which detects the face afresh.
+
+Run: python benchmarks/e2e_lfw_unlock.py [--model NAME_OR_PATH] [--detector NAME] [--identities 20] [--probes 3]
+     [--impostors 200]
 Needs ../shared/data/lfw. LFW is used for evaluation only.
 """
 
@@ -24,6 +28,7 @@ LFW = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "lfw" / "
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model")
+    parser.add_argument("--detector", default=None, help="detector name (default: FaceUnlock's)")
     parser.add_argument("--identities", type=int, default=20)
     parser.add_argument("--probes", type=int, default=3, help="genuine probe photos per identity")
     parser.add_argument("--impostors", type=int, default=200)
@@ -35,7 +40,8 @@ def main() -> None:
     people = [people[i] for i in sorted(rng.choice(len(people), args.identities, replace=False))]
     with tempfile.TemporaryDirectory() as tmp:
         systems = {agg: FaceUnlock(model=args.model, gallery=Path(tmp) / f"{agg}.emfr", passphrase="benchmark passphrase",
-                                   fmr=args.fmr, aggregation=agg) for agg in ("max", "mean")}
+                                   fmr=args.fmr, aggregation=agg, detector=args.detector)
+                   for agg in ("max", "mean")}
         enroller = systems["max"]
         probes = []
         for person in people:
@@ -69,7 +75,9 @@ def main() -> None:
                 for variant, frame in variants.items():
                     for agg, system in systems.items():
                         rows[agg][f"{kind} {variant}"].append(system.verify(claimed, frame, str(photo)))
-    print(f"model {enroller.package.name} at FMR {args.fmr:g}; {len(people)} identities x 3 enrollment photos, "
+    detector_name = getattr(enroller.detector, "registry_name", type(enroller.detector).__name__)
+    print(f"model {enroller.package.name}, detector {detector_name}, at FMR {args.fmr:g}; "
+          f"{len(people)} identities x 3 enrollment photos, "
           f"{len(probes)} genuine probes, {len(impostors)} impostor attempts (each unmasked and masked)")
     for agg, system in systems.items():
         print(f"  {agg} aggregation thresholds: " + ", ".join(f"{r} probes {t:.4f}" for r, t in system.thresholds.items()))
