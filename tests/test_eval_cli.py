@@ -47,8 +47,22 @@ def test_eval_writes_json_markdown_and_plots(tmp_path, lfw_dir, model_path, cach
     assert "| Model | Scenario |" in out.out and "unmasked images: 40" in out.err
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["n_pairs"] == 20 and len(result["results"]) == 1
+    assert result["face"] == "centre" and result["detector"]  # LFW-style default: the centred subject
     assert (tmp_path / "t.md").read_text() in out.out
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["det_uu.png", "score_distributions.png"]
+
+
+def test_eval_face_rule_landmark_source_and_detector_options(tmp_path, lfw_dir, model_path, cache_dir):
+    code = _run(["eval", "--pairs", str(lfw_dir / "pairs.txt"), "--images", str(lfw_dir / "images"),
+                 "--model", str(model_path), "--scenario", "um", "--limit", "4", "--bootstrap", "0",
+                 "--mask-family", "nist_c", "--face", "largest", "--landmarks", "unmasked", "--detector", "mtcnn",
+                 "--json", str(tmp_path / "r.json"), "--cache-dir", str(cache_dir), "--quiet"])
+    assert code == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert (result["face"], result["landmarks"], result["detector"]) == ("largest", "unmasked", "mtcnn")
+    with pytest.raises(InputError, match="unknown detector 'nope'"):
+        _run(["eval", "--pairs", str(lfw_dir / "pairs.txt"), "--images", str(lfw_dir / "images"),
+              "--model", str(model_path), "--limit", "2", "--detector", "nope", "--no-cache", "--quiet"])
 
 
 def test_eval_bad_pairs_file_is_an_input_error(tmp_path, lfw_dir, model_path):
