@@ -389,3 +389,54 @@ def test_two_processes_enrolling_concurrently_lose_nothing(tmp_path):
     assert gallery.users() == sorted(f"{prefix}{index}" for prefix in "ab" for index in range(10))
     assert gallery.all_templates()[1].shape == (40, DIM)
     assert temp_litter(tmp_path) == []
+
+
+def test_generation_counts_writes_and_a_gallery_never_outgrows_its_read_limit(tmp_path, monkeypatch):
+    gallery = with_one_user(tmp_path)
+    assert gallery.generation == 2
+    gallery.add_templates("alice", unit_rows(3, 1))
+    assert open_gallery(gallery.path).generation == 3
+    before = gallery.path.read_bytes()
+    import edge_mfr.gallery as gallery_module
+
+    monkeypatch.setattr(gallery_module, "MAX_GALLERY_BYTES", len(before) - HEADER_SIZE + 8)
+    with pytest.raises(GalleryError, match="above the 0 MiB limit; remove users or templates first"):
+        gallery.add_user("bob", unit_rows(4, 4))
+    assert gallery.path.read_bytes() == before
+    monkeypatch.setattr(gallery_module, "MAX_GALLERY_BYTES", len(before) - HEADER_SIZE - 1)
+    with pytest.raises(GalleryError, match="ciphertext, above the 0 MiB limit"):
+        open_gallery(gallery.path)
+
+
+def test_rollback_counter_file_is_checked(tmp_path):
+    from edge_mfr.gallery import FileRollbackCounter
+
+    counter_path = tmp_path / "counter.json"
+    gallery = make_gallery(tmp_path, rollback_counter=FileRollbackCounter(counter_path))
+    record = json.loads(counter_path.read_text())
+    assert record == {"format": "edge-mfr rollback counter", "gallery_id": gallery.gallery_id, "generation": 1}
+    counter_path.write_text("{not json")
+    with pytest.raises(GalleryError, match="malformed"):
+        open_gallery(gallery.path, rollback_counter=FileRollbackCounter(counter_path))
+    counter_path.unlink()
+    os.mkfifo(counter_path)
+    with pytest.raises(GalleryError, match="not a regular file"):
+        open_gallery(gallery.path, rollback_counter=FileRollbackCounter(counter_path))
+    counter_path.unlink()
+    # a missing record is taken from the gallery as found (documented: the first open trusts what it finds)
+    assert open_gallery(gallery.path, rollback_counter=FileRollbackCounter(counter_path)).users() == []
+    assert json.loads(counter_path.read_text())["generation"] == 1
+
+
+def test_scrypt_limits_hold_for_open_as_for_create(tmp_path):
+    path = with_one_user(tmp_path).path
+    data = bytearray(path.read_bytes())
+    for log2_n, r, p in ((20, 8, 16), (18, 8, 1), (17, 8, 4), (16, 32, 1)):
+        struct.pack_into("<BII", data, 9, log2_n, r, p)
+        path.write_bytes(bytes(data))
+        with pytest.raises(GalleryError, match="unusable scrypt parameters"):
+            open_gallery(path)
+    for n, r, p in ((2**18, 8, 1), (2**17, 8, 4), (2**16, 32, 1)):
+        with pytest.raises(InputError):
+            ScryptParams(n=n, r=r, p=p)
+    assert ScryptParams(n=2**17, r=8, p=2) and ScryptParams()

@@ -32,13 +32,13 @@ GALLERY_LIMIT_MIB = 768
 VERIFY_LIMIT_MIB = 1024
 
 
-def run_cli(args, limit_mib, cwd, timeout=60, env=None):
+def run_cli(args, limit_mib, cwd, timeout=60, env=None, prefix=()):
     def limit_memory():
         resource.setrlimit(resource.RLIMIT_AS, (limit_mib << 20, limit_mib << 20))
 
     environment = {**os.environ, "EDGE_MFR_PASSPHRASE": PASSPHRASE, "OMP_NUM_THREADS": "1", **(env or {})}
     environment.pop("EDGE_MFR_TRACEBACK", None)
-    return subprocess.run([sys.executable, "-m", "edge_mfr", *map(str, args)], preexec_fn=limit_memory, cwd=cwd,
+    return subprocess.run([*prefix, sys.executable, "-m", "edge_mfr", *map(str, args)], preexec_fn=limit_memory, cwd=cwd,
                           env=environment, capture_output=True, text=True, timeout=timeout)
 
 
@@ -281,6 +281,29 @@ def test_reading_creates_nothing_beside_the_gallery(enrolled, tmp_path):
         result = run_cli(args, VERIFY_LIMIT_MIB, tmp_path)
         assert result.returncode in (0, 1), result.stderr
     assert snapshot(tmp_path) == before
+
+
+def test_verify_identify_and_list_work_on_a_read_only_filesystem(enrolled, tmp_path):
+    """A read-only bind mount in a private mount namespace (unshare), so the filesystem really refuses writes."""
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    shutil.copy(enrolled, read_only / "g.emfr")
+    mount_then_run = 'mount --bind -o ro "$0" "$0" && exec "$@"'
+    prefix = ("unshare", "--user", "--map-root-user", "--mount", "sh", "-c", mount_then_run, str(read_only))
+    if shutil.which("unshare") is None or subprocess.run(
+            [*prefix, "sh", "-c", f'! touch "{read_only}/probe" 2>/dev/null'], capture_output=True).returncode != 0:
+        pytest.skip("cannot make a read-only bind mount here (needs unshare and user namespaces)")
+    before = snapshot(read_only)
+    gallery = read_only / "g.emfr"
+    for args in (["gallery", "list", "--gallery", gallery],
+                 ["verify", "--gallery", gallery, "--user", "alice", DEMO / "person_a_2.jpg", "--threads", "1"],
+                 ["identify", "--gallery", gallery, DEMO / "person_a_2.jpg", "--threads", "1"]):
+        result = run_cli(args, VERIFY_LIMIT_MIB, tmp_path, prefix=prefix)
+        assert result.returncode in (0, 1), result.stderr
+    result = run_cli(["gallery", "remove", "--gallery", gallery, "--user", "alice"], GALLERY_LIMIT_MIB, tmp_path,
+                     prefix=prefix)
+    assert_clean_error(result, "read-only file system")
+    assert snapshot(read_only) == before
 
 
 def test_writing_through_a_symlinked_gallery_updates_the_real_file(enrolled, tmp_path):
