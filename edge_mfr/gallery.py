@@ -107,7 +107,7 @@ MAX_KEY_FILE_BYTES = 4096
 # scrypt limits, for writing and for opening alike: a header cannot make `open` spend more than this.
 SCRYPT_MAX_N = 2**17
 SCRYPT_MAX_MEMORY = 128 * 1024 * 1024   # 128 * n * r bytes
-SCRYPT_MAX_WORK = 256 * 1024 * 1024     # 128 * n * r * p: about one second of CPU at the limit
+SCRYPT_MAX_WORK = 256 * 1024 * 1024     # 128 * n * r * p: 8 times the default's work
 MAX_NAME_LENGTH = 128
 # Per-template metadata is for flags and quality numbers; the cap makes storing an image there impossible.
 MAX_TEMPLATE_INFO_BYTES = 8192
