@@ -74,12 +74,10 @@ def held_out_faces(data_root: str | Path, manifest: CalibrationManifest, count: 
 
     from ..detect import MTCNNDetector
     from ..masks import MASK_TYPES, apply_mask
-    from .manifest import celeba_test_splits
 
     if count < 2:
         raise InputError(f"the gate needs at least 2 held-out faces, got {count}")
     root = Path(data_root)
-    by_file, _ = celeba_test_splits(root)
     listing = root / HELD_OUT_SOURCE / "identities.txt"
     identity_of = {}
     for line in listing.read_text(encoding="utf-8").splitlines() if listing.is_file() else []:
