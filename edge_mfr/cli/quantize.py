@@ -41,6 +41,8 @@ def register(subparsers) -> None:
                       help="lowest FP32/INT8 cosine of any held-out face (default 0.95)")
     gate.add_argument("--max-eer-increase", type=float, default=0.5,
                       help="largest rise of LFW U-M EER, in percentage points (default 0.5: 2.0%% -> 2.5%%)")
+    gate.add_argument("--max-accuracy-drop", type=float, default=0.3,
+                      help="largest fall of LFW U-M accuracy, in percentage points (default 0.3)")
     gate.add_argument("--gate-faces", type=int, default=200,
                       help="held-out celeba_test calib faces, half of them masked (default 200; 0 skips)")
     gate.add_argument("--lfw", type=Path, default=None, help="LFW folder with pairs.txt and images/ "
@@ -69,12 +71,14 @@ def gate_config(args):
     for flag, value in (("--min-mean-cosine", args.min_mean_cosine), ("--min-cosine", args.min_cosine)):
         if not -1.0 <= value <= 1.0:
             raise InputError(f"{flag} is a cosine, between -1 and 1; got {value}")
-    if not args.max_eer_increase >= 0:
-        raise InputError(f"--max-eer-increase must be at least 0 points, got {args.max_eer_increase}")
+    for flag, value in (("--max-eer-increase", args.max_eer_increase), ("--max-accuracy-drop", args.max_accuracy_drop)):
+        if not value >= 0:
+            raise InputError(f"{flag} must be at least 0 points, got {value}")
     skip_cosine = args.gate_faces == 0
     bounds = GateBounds(min_mean_cosine=None if skip_cosine else args.min_mean_cosine,
                         min_cosine=None if skip_cosine else args.min_cosine,
-                        max_eer_increase_points=None if args.lfw_pairs == 0 else args.max_eer_increase)
+                        max_eer_increase_points=None if args.lfw_pairs == 0 else args.max_eer_increase,
+                        max_accuracy_drop_points=None if args.lfw_pairs == 0 else args.max_accuracy_drop)
     return GateConfig(bounds=bounds, held_out_faces=args.gate_faces, lfw_dir=args.lfw, lfw_pairs=args.lfw_pairs,
                       threads=args.threads, cache_dir=args.eval_cache)
 

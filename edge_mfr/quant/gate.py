@@ -43,10 +43,12 @@ class GateBounds:
     min_mean_cosine: float | None = None  # held-out faces, FP32 vs INT8 embedding of the same face
     min_cosine: float | None = None
     max_eer_increase_points: float | None = None  # LFW U-M EER(INT8) - EER(FP32), percentage points
+    max_accuracy_drop_points: float | None = None  # LFW U-M accuracy(FP32) - accuracy(INT8), percentage points
 
     def as_dict(self) -> dict:
         return {"min_mean_cosine": self.min_mean_cosine, "min_cosine": self.min_cosine,
-                "max_eer_increase_points": self.max_eer_increase_points}
+                "max_eer_increase_points": self.max_eer_increase_points,
+                "max_accuracy_drop_points": self.max_accuracy_drop_points}
 
 
 @dataclass(frozen=True)
@@ -182,6 +184,12 @@ def check_bounds(measured: dict, bounds: GateBounds) -> list[str]:
             failures.append(f"minimum cosine to FP32 on {held_out['faces']} held-out faces is "
                             f"{held_out['min_cosine']:.5f} < --min-cosine {bounds.min_cosine}")
     lfw = measured.get("lfw")
+    if lfw is not None and bounds.max_accuracy_drop_points is not None:
+        drop = -lfw["change"]["um"]["accuracy_points"]
+        if not drop <= bounds.max_accuracy_drop_points:
+            failures.append(f"LFW U-M accuracy drops by {drop:.3f} points ({100 * lfw['fp32']['um']['accuracy']:.2f}% "
+                            f"-> {100 * lfw['int8']['um']['accuracy']:.2f}% over {lfw['n_pairs']} pairs) > "
+                            f"--max-accuracy-drop {bounds.max_accuracy_drop_points}")
     if lfw is not None and bounds.max_eer_increase_points is not None:
         increase = lfw["change"]["um"]["eer_points"]
         if not increase <= bounds.max_eer_increase_points:
@@ -215,8 +223,9 @@ def run_gate(fp32, int8, manifest: CalibrationManifest, data_root: str | Path, c
     if (config.held_out_faces == 0 and (config.bounds.min_mean_cosine is not None
                                         or config.bounds.min_cosine is not None)):
         raise InputError("cosine bounds need held-out faces (--gate-faces > 0)")
-    if config.lfw_pairs == 0 and config.bounds.max_eer_increase_points is not None:
-        raise InputError("--max-eer-increase needs LFW pairs (--lfw-pairs > 0 or all)")
+    if config.lfw_pairs == 0 and (config.bounds.max_eer_increase_points is not None
+                                  or config.bounds.max_accuracy_drop_points is not None):
+        raise InputError("--max-eer-increase and --max-accuracy-drop need LFW pairs (--lfw-pairs > 0 or all)")
     measured: dict = {"bounds": config.bounds.as_dict(), "seed": config.seed}
     if config.held_out_faces:
         faces = held_out_faces(data_root, manifest, config.held_out_faces, config.seed)
