@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 
 from . import align
-from .errors import BackendUnavailableError
+from .errors import BackendUnavailableError, InputError
 from .models.package import ModelPackage, default_model, load_package
 
 BACKENDS = ("ort", "tensorrt")
+ROUTES = ("unmasked", "masked")
 
 
 def make_backend(package: ModelPackage, backend: str = "ort", threads: int | None = None):
@@ -45,6 +46,19 @@ class FaceEmbedder:
         return align.align_faces(image, landmarks, template=p.template, size=p.input_size,
                                  channel_order=p.channel_order, mean=p.mean, std=p.std, threads=self.align_threads)
 
-    def embed_faces(self, image: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
-        """(K, 5, 2) landmarks of one BGR frame -> (K, D) L2-normalised embeddings."""
-        return self.backend.embed(self.preprocess(image, landmarks))
+    def embed_batch(self, batch: np.ndarray, route: str = "unmasked") -> np.ndarray:
+        """Preprocessed faces -> (N, D) L2-normalised embeddings; masked faces go through the package's
+        masked-route map where it has one (ModelPackage.route_map)."""
+        embeddings = self.backend.embed(batch)
+        if route not in ROUTES:
+            raise InputError(f"route must be one of {ROUTES}, got {route!r}")
+        mapping = self.package.route_map(route)
+        if mapping is None:
+            return embeddings
+        from .models.route_map import apply_map
+
+        return apply_map(embeddings, *mapping)
+
+    def embed_faces(self, image: np.ndarray, landmarks: np.ndarray, route: str = "unmasked") -> np.ndarray:
+        """(K, 5, 2) landmarks of one BGR frame -> (K, D) L2-normalised embeddings (route: see embed_batch)."""
+        return self.embed_batch(self.preprocess(image, landmarks), route)

@@ -214,7 +214,9 @@ class FaceUnlock:
             return Capture(source, len(faces), competing, face, report, None, watch.latency)
         batch = self.embedder.preprocess(frame, face.landmarks[None])
         start = watch.lap("align", start)
-        embedding = self.embedder.backend.embed(batch)[0]
+        # The probe's route (as the quality gate judges it) picks its threshold and, where the model has one, the
+        # masked-route map of its embedding.
+        embedding = self.embedder.embed_batch(batch, "masked" if report.masked else "unmasked")[0]
         watch.lap("embed", start)
         return Capture(source, len(faces), competing, face, report, embedding, watch.latency)
 
@@ -248,7 +250,8 @@ class FaceUnlock:
                              "quality": cap.quality.to_dict()})
                 if self.mask_synthesizer is not None and not any(i["masked"] for i in info):
                     for mask_type, masked in self.mask_synthesizer(frame, cap.detection.landmarks, rng):
-                        synthetic_templates.append(self.embedder.embed_faces(masked, cap.detection.landmarks[None])[0])
+                        synthetic_templates.append(
+                            self.embedder.embed_faces(masked, cap.detection.landmarks[None], route="masked")[0])
                         synthetic_info.append({"source": Path(cap.source).name, "masked": True, "synthetic": True,
                                                "mask_type": mask_type})
                         del masked

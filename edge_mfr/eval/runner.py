@@ -239,10 +239,11 @@ class _Model:
         self.cache_key = hashlib.sha256(
             f"{package.fingerprint}|{meta.get('input')}|{meta.get('alignment')}".encode()).hexdigest()
 
-    def embed(self, images: list[np.ndarray], landmarks: list[np.ndarray]) -> np.ndarray:
-        """One face per image; aligned one image at a time, then embedded as a single batch."""
+    def embed(self, images: list[np.ndarray], landmarks: list[np.ndarray], masked: bool = False) -> np.ndarray:
+        """One face per image; aligned one image at a time, then embedded as a single batch. Masked images take
+        the model's masked route (its masked-route map, if it has one): the side a pair masked is known here."""
         batch = np.concatenate([self.embedder.preprocess(img, lm[None]) for img, lm in zip(images, landmarks)])
-        return self.embedder.backend.embed(batch)
+        return self.embedder.embed_batch(batch, "masked" if masked else "unmasked")
 
 
 LOCATED = (DETECTED, CENTRED)
@@ -359,7 +360,7 @@ class EmbeddingExtractor:
                 todo = [(row, img, lm) for row, img, lm, wanted in pending if model_index in wanted]
                 if not todo:
                     continue
-                vectors = model.embed([img for _, img, _ in todo], [lm for _, _, lm in todo])
+                vectors = model.embed([img for _, img, _ in todo], [lm for _, _, lm in todo], masked)
                 for (row, _, _), vector in zip(todo, vectors):
                     out[model_index][row] = vector
                     if self.cache is not None:
@@ -435,7 +436,7 @@ class EmbeddingExtractor:
                 except InputError:
                     image = None
             for model_index, model in enumerate(self.models):
-                vector = model.embed([image], [fallback * size])[0] if image is not None \
+                vector = model.embed([image], [fallback * size], masked)[0] if image is not None \
                     else np.empty(0, dtype=np.float32)
                 if vector.size:
                     result.fallback[model_index][row] = vector

@@ -69,7 +69,7 @@ def _embed_identity_sets(images: list[LabelledImage], embedder: FaceEmbedder, de
             rng = np.random.default_rng(image_seed(image.key, seed))
             if k < enroll_per_identity:
                 rows.append(embedder.embed_faces(frame, face.landmarks[None])[0])
-                rows += [embedder.embed_faces(masked, face.landmarks[None])[0]
+                rows += [embedder.embed_faces(masked, face.landmarks[None], route="masked")[0]
                          for _, masked in synthesize_masked_copies(frame, face.landmarks, rng)]
             else:
                 mask_type = MASK_TYPES[rng.integers(len(MASK_TYPES))]
@@ -80,7 +80,8 @@ def _embed_identity_sets(images: list[LabelledImage], embedder: FaceEmbedder, de
                         masked_misses.append(image.key)
                         continue
                     route = "masked" if assess(picture, seen, policy).masked else "unmasked"
-                    probes[variant].append((identity, embedder.embed_faces(picture, seen.landmarks[None])[0], route))
+                    embedding = embedder.embed_faces(picture, seen.landmarks[None], route=route)[0]
+                    probes[variant].append((identity, embedding, route))
         if rows:
             templates[identity] = np.stack(rows)
     return templates, probes, failures, masked_misses

@@ -122,15 +122,16 @@ def _scene_lighting(image: np.ndarray, warp: FaceWarp, canvas: Canvas) -> tuple[
     return gain, shading
 
 
-def _paint(mask_type: str, rng: np.random.Generator, image: np.ndarray, warp: FaceWarp) -> tuple[np.ndarray, float]:
+def _paint(mask_type: str, rng: np.random.Generator, image: np.ndarray | None, warp: FaceWarp) -> tuple[np.ndarray, float]:
     """Painted, lit mask as a premultiplied BGRA float canvas, and that canvas's scale."""
     scale = _render_scale(warp.scale)
     canvas = Canvas(2.0 * scale)  # painted at twice the resolution, then area-averaged: anti-aliasing
     layer = PAINTERS[mask_type](canvas, rng)
     colour, alpha = layer.colour, layer.alpha
     if layer.lit:
-        gain, shading = _scene_lighting(image, warp, canvas)
-        colour = colour * (gain * shading)[..., None]
+        if image is not None:  # None: neutral light, for layers lit later (see render_mask_layer)
+            gain, shading = _scene_lighting(image, warp, canvas)
+            colour = colour * (gain * shading)[..., None]
         # Soft contact shadow where the mask stands off the face: a faint dark halo just outside its edge,
         # composited as black under the mask (it only adds coverage, never colour).
         halo = cv2.GaussianBlur(alpha, (0, 0), CONTACT_SHADOW_WIDTH * canvas.scale)
@@ -142,22 +143,24 @@ def _paint(mask_type: str, rng: np.random.Generator, image: np.ndarray, warp: Fa
     return small, scale
 
 
-def _composite(image: np.ndarray, warp: FaceWarp, layer: np.ndarray, scale: float) -> np.ndarray:
-    """Warp the premultiplied mask canvas into the photo around the face and blend it in."""
-    out = image.copy()
+def _warp_layer(shape: tuple[int, ...], warp: FaceWarp, layer: np.ndarray, scale: float):
+    """The premultiplied mask canvas warped into image pixels around the face.
+
+    Returns (warped (h', w', 4) float32, (top, bottom, left, right)) or None when the mask misses the image.
+    """
     ys, xs = np.nonzero(layer[..., 3] > 1e-3)
     if len(xs) == 0:
-        return out
+        return None
     (x0, y0), (x1, y1) = (np.array([[xs.min(), ys.min()], [xs.max() + 1, ys.max() + 1]]) + 0.5) / scale - 0.5 + CANVAS_ORIGIN
     # The mask's canonical bounding box, traced densely: the spline bends its edges in the photo.
     gx, gy = np.meshgrid(np.linspace(x0, x1, 17), np.linspace(y0, y1, 17))
     around = warp.to_image(np.stack([gx.ravel(), gy.ravel()], axis=1))
-    h, w = image.shape[:2]
+    h, w = shape[:2]
     left, top = np.floor(around.min(0)).astype(int) - 2
     right, bottom = np.ceil(around.max(0)).astype(int) + 3
     left, top, right, bottom = max(left, 0), max(top, 0), min(right, w), min(bottom, h)
     if left >= right or top >= bottom:
-        return out
+        return None
     # The spline is smooth: evaluate it on a grid of about 48 x 48 nodes and interpolate between them.
     step = int(max(1, min(bottom - top, right - left) // 48))
     nodes_x, nodes_y = np.meshgrid(np.arange(left, right - 1 + step, step), np.arange(top, bottom - 1 + step, step))
@@ -166,6 +169,16 @@ def _composite(image: np.ndarray, warp: FaceWarp, layer: np.ndarray, scale: floa
     node_y, node_x = (np.mgrid[0 : bottom - top, 0 : right - left].astype(np.float32) / step)
     source = cv2.remap(nodes, node_x, node_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     warped = cv2.remap(layer, source[..., 0], source[..., 1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    return warped, (top, bottom, left, right)
+
+
+def _composite(image: np.ndarray, warp: FaceWarp, layer: np.ndarray, scale: float) -> np.ndarray:
+    """Warp the premultiplied mask canvas into the photo around the face and blend it in."""
+    out = image.copy()
+    placed = _warp_layer(image.shape, warp, layer, scale)
+    if placed is None:
+        return out
+    warped, (top, bottom, left, right) = placed
     region = out[top:bottom, left:right].astype(np.float32)
     alpha = np.clip(warped[..., 3:4], 0.0, 1.0)
     blended = region * (1.0 - alpha) + warped[..., :3]
@@ -223,6 +236,29 @@ def apply_mask_aligned(
     if jitter > 0:
         points = _jittered(points, float(jitter), generator)
     return apply_mask(crop, points, mask_type, generator)
+
+
+def render_mask_layer(mask_type: str, rng: np.random.Generator | int, size: tuple[int, int],
+                      template: np.ndarray, jitter: float = 0.0) -> tuple[np.ndarray, bool]:
+    """One mask painted under neutral light for aligned crops of `size` whose landmarks sit at `template`.
+
+    Returns (layer (h, w, 4) float32: premultiplied BGR colour and coverage, lit). Training composites
+    such precomputed layers per batch (crop * (1 - alpha) + gain * colour, gain from the crop's own
+    lighting when `lit`), which is orders of magnitude cheaper than painting a mask per face.
+    """
+    mask_type = check_mask_type(mask_type)
+    generator = as_generator(rng)
+    points = one_face_landmarks(template)
+    if jitter > 0:
+        points = _jittered(points, float(jitter), generator)
+    warp = FaceWarp(points)
+    painted, scale = _paint(mask_type, generator, None, warp)
+    out = np.zeros((size[0], size[1], 4), np.float32)
+    placed = _warp_layer(out.shape, warp, painted, scale)
+    if placed is not None:
+        warped, (top, bottom, left, right) = placed
+        out[top:bottom, left:right] = warped
+    return out, mask_type in FAMILIES["template"]  # NIST fills keep their exact colour (MaskLayer.lit=False)
 
 
 def resolve_types(types: str | Iterable[str] | None) -> tuple[str, ...]:

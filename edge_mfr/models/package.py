@@ -33,6 +33,16 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def package_fingerprint(onnx_path: Path, meta: dict) -> str:
+    """SHA-256 of the graph; with probe-route maps (see `ModelPackage.route_map`), of the graph and the maps, since
+    both shape the templates a gallery stores."""
+    graph = file_sha256(onnx_path)
+    if not meta.get("routes"):
+        return graph
+    routes = json.dumps(meta["routes"], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(f"{graph}|{routes}".encode()).hexdigest()
+
+
 def _write_json_atomic(path: Path, data: dict) -> None:
     text = json.dumps(data, indent=2, sort_keys=True) + "\n"
     write_atomically(path, text.encode("utf-8"), mode=0o644)  # a package is meant to be readable
@@ -120,6 +130,17 @@ class ModelPackage:
         _write_json_atomic(self.sidecar_path, meta)
         return ModelPackage(self.onnx_path, meta)
 
+    def route_map(self, route: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """(weight (D, D), bias (D,)) of the linear map applied to this route's L2-normalised embeddings, or None.
+
+        A masked-route map moves the embedding of a masked face towards where the network puts the same face
+        unmasked (fitted in closed form; edge_mfr.models.route_map); unmasked probes are never touched.
+        """
+        entry = (self.meta.get("routes") or {}).get(route)
+        if entry is None:
+            return None
+        return np.asarray(entry["weight"], np.float32), np.asarray(entry["bias"], np.float32)
+
     def summary(self) -> dict:
         return {
             "name": self.name,
@@ -186,7 +207,7 @@ def save_package(onnx_path: str | Path, meta: dict) -> ModelPackage:
     if not onnx_path.is_file():
         raise ModelPackageError(f"{onnx_path}: ONNX file not found")
     meta = {"thresholds": {}, "calibration": {}, "recipe": {}, **meta, "format": FORMAT}
-    meta["fingerprint"] = file_sha256(onnx_path)
+    meta["fingerprint"] = package_fingerprint(onnx_path, meta)
     _validate_meta(meta, onnx_path)
     _check_graph(onnx_path, meta)
     _write_json_atomic(onnx_path.with_suffix(".json"), meta)
@@ -222,7 +243,7 @@ def load_package(path: str | Path, check_graph: bool = True) -> ModelPackage:
     if not isinstance(meta, dict):
         raise ModelPackageError(f"{sidecar}: expected a JSON object")
     _validate_meta(meta, sidecar)
-    actual = file_sha256(onnx_path)
+    actual = package_fingerprint(onnx_path, meta)
     if actual != meta["fingerprint"]:
         raise ModelPackageError(
             f"{sidecar}: sidecar does not match its graph (fingerprint {meta['fingerprint'][:12]}, "

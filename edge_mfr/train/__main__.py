@@ -1,4 +1,7 @@
-"""`python -m edge_mfr.train prepare|fit`: build the training pool, train one config."""
+"""`python -m edge_mfr.train prepare|fit|export`: build the training pool, train one config, export a package.
+
+Multi-process: `torchrun --nproc_per_node=N -m edge_mfr.train fit CONFIG ...` (gloo on CPU, NCCL on GPUs).
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,46 +10,106 @@ import sys
 from pathlib import Path
 
 from edge_mfr.errors import EdgeMfrError
-from edge_mfr.train.config import TRAINING_SOURCES
+
+DEFAULT_DATA = os.environ.get("EDGE_MFR_DATA", str(Path(__file__).resolve().parents[3] / "shared" / "data"))
 
 
 def main(argv: list[str] | None = None) -> int:
+    from edge_mfr.train.data import TRAINING_SOURCES
+
     parser = argparse.ArgumentParser(prog="python -m edge_mfr.train", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    prepare = commands.add_parser("prepare", help="align the training images and compute teacher targets")
-    prepare.add_argument("--data", default=os.environ.get("EDGE_MFR_DATA", str(
-        Path(__file__).resolve().parents[3] / "shared" / "data")), help="shared data root (default $EDGE_MFR_DATA)")
-    prepare.add_argument("--teacher", default="dlib_resnet_v1", help="teacher package path or bundled name")
+    prepare = commands.add_parser("prepare", help="align, compress and embed the training images; paint mask layers")
+    prepare.add_argument("--data", default=DEFAULT_DATA, help="shared data root (default $EDGE_MFR_DATA)")
     prepare.add_argument("--out", required=True, help="output .npz")
-    prepare.add_argument("--sources", nargs="+", default=list(TRAINING_SOURCES), choices=TRAINING_SOURCES)
-    prepare.add_argument("--max-per-identity", type=int, help="cap images per identity (smoke runs)")
-    prepare.add_argument("--threads", type=int, default=1)
+    prepare.add_argument("--sources", nargs="+", default=["celeba299", "celeba_test"], choices=list(TRAINING_SOURCES))
+    prepare.add_argument("--crop-size", type=int, default=112)
+    prepare.add_argument("--max-per-identity", type=int, help="cap images per identity")
+    prepare.add_argument("--max-identities", type=int, help="cap identities per source (small test pools)")
+    prepare.add_argument("--masks", type=int, default=600, help="mask layers to paint")
+    prepare.add_argument("--no-templates", action="store_true",
+                         help="leave the teacher's templates to the first training run (on its device)")
 
     fit = commands.add_parser("fit", help="train one config")
     fit.add_argument("config", help="config name (edge_mfr/train/configs/NAME.py) or path to a .py")
     fit.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config fields to override")
+    fit.add_argument("--resume", action="store_true", help="continue from OUT_DIR/NAME/last.pt if it exists")
+
+    export = commands.add_parser("export", help="best.pt of a run -> model package (ONNX + sidecar)")
+    export.add_argument("checkpoint")
+    export.add_argument("--out", required=True, help="output .onnx")
+    export.add_argument("--name")
+
+    route = commands.add_parser("route-map", help="fit a masked-route map for a package; write the routed package")
+    route.add_argument("--model", default="dlib_resnet_v1", help="package path or bundled name")
+    route.add_argument("--data", default=DEFAULT_DATA)
+    route.add_argument("--faces", type=int, default=2500, help="celeba_test train faces to draw pairs from")
+    route.add_argument("--pairs", help=".npz cache of the pairs (written when absent, reused when it matches)")
+    route.add_argument("--out", required=True, help="output .onnx of the routed package")
+    route.add_argument("--name", required=True)
 
     args = parser.parse_args(argv)
     try:
         if args.command == "prepare":
-            from edge_mfr.models.package import load_package
-            from edge_mfr.train.data import build_pool
+            from edge_mfr.train.data import prepare_pool
 
-            pool = build_pool(args.data, load_package(args.teacher), sources=tuple(args.sources),
-                              max_per_identity=args.max_per_identity, threads=args.threads)
+            pool = prepare_pool(args.data, sources=tuple(args.sources), crop_size=args.crop_size,
+                                max_per_identity=args.max_per_identity, max_identities=args.max_identities,
+                                mask_count=args.masks,
+                                with_templates=not args.no_templates)
             path = pool.save(args.out)
-            print(f"wrote {path}: {len(pool)} faces of {len(pool.identities)} identities "
-                  f"(teacher {pool.teacher_fingerprint[:12]})")
-        else:
+            skipped = pool.meta["skipped"]
+            print(f"wrote {path}: {len(pool)} faces of {len(pool.identities)} identities, "
+                  f"{pool.blobs.nbytes / 2**20:.1f} MiB of crops; skipped {skipped['missing']} missing, "
+                  f"{skipped['unreadable']} unreadable, {skipped['no_face']} without a detected face")
+        elif args.command == "fit":
             from edge_mfr.train.config import load_config
-            from edge_mfr.train.distill import train
+            from edge_mfr.train.trainer import fit as run
 
-            train(load_config(args.config).with_overrides(args.overrides))
+            run(load_config(args.config).with_overrides(args.overrides), resume=args.resume)
+        elif args.command == "route-map":
+            route_map_command(args)
+        else:
+            from edge_mfr.train.export import export_package
+
+            package = export_package(args.checkpoint, args.out, name=args.name)
+            print(f"wrote {package.onnx_path} ({package.fingerprint[:12]})")
     except EdgeMfrError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def route_map_command(args) -> None:
+    import numpy as np
+
+    from edge_mfr.models.package import load_package
+    from edge_mfr.models.route_map import fit_ridge, route_pairs, select_alpha, with_masked_route
+
+    package = load_package(args.model)
+    cache = Path(args.pairs) if args.pairs else None
+    if cache is not None and cache.is_file() and str(np.load(cache)["fingerprint"]) == package.fingerprint:
+        with np.load(cache) as data:
+            pairs = {key: data[key] for key in data.files}
+    else:
+        made = route_pairs([package], args.data, faces=args.faces)
+        pairs = {"clean": made["clean"][0], "masked": made["masked"][0], "identities": np.array(made["identities"]),
+                 "files": np.array(made["files"]), "mask_types": np.array(made["mask_types"]),
+                 "misses": made["misses"], "detector": made["detector"], "fingerprint": package.fingerprint}
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(cache, **pairs)
+    alpha, trials = select_alpha(pairs["clean"], pairs["masked"], pairs["identities"])
+    weight, bias = fit_ridge(pairs["masked"], pairs["clean"], alpha)
+    provenance = {"alpha": alpha, "alpha_selection": trials, "pairs": int(len(pairs["clean"])),
+                  "identities": int(len(np.unique(pairs["identities"]))), "masked_photo_misses": int(pairs["misses"]),
+                  "detector": str(pairs["detector"]), "data": "celeba_test split train (training pool identities)",
+                  "train_data": [{"name": "celeba_test", "split": "train"}]}
+    routed = with_masked_route(package, weight, bias, args.out, args.name, provenance)
+    for trial in trials:
+        print(f"alpha {trial['alpha']}: identity-disjoint clean-vs-masked TPR@FMR1e-3 {trial['tpr_um']:.4f}")
+    print(f"wrote {routed.onnx_path} ({routed.fingerprint[:12]}): alpha {alpha}, {provenance['pairs']} pairs")
 
 
 if __name__ == "__main__":

@@ -1,80 +1,125 @@
-"""One training run = one `DistillConfig`, kept as a Python file in edge_mfr/train/configs/ (or anywhere),
-defining `config = DistillConfig(...)`; command-line `key=value` overrides are applied on top and the
-resolved config is stored in the checkpoint's recipe, so a package says exactly how it was trained."""
+"""One training run = one `TrainConfig`, kept as a Python file in edge_mfr/train/configs/ (or anywhere) defining
+`config = TrainConfig(...)`; command-line `key=value` overrides go on top. The resolved config is stored in every
+checkpoint and in the exported package's recipe, so a package says exactly how it was trained, and a resume is
+refused when the config it continues differs in anything that changes the result.
+"""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib
 import importlib.util
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edge_mfr.errors import InputError
 
-# The only data a student may be trained or tuned on. LFW is evaluation data: never here.
-TRAINING_SOURCES = ("celeba299", "glint24")
+ARCHES = ("dlib_resnet", "mfn_s", "mfn_m")
+# Fields that may differ on resume: where and how fast the run goes, not what it computes.
+RUNTIME_FIELDS = ("out_dir", "device", "threads", "amp", "time_budget_s", "stop_after_steps", "progress", "pool")
 
 
 @dataclass(frozen=True)
-class DistillConfig:
-    """MaskInv-style template-level distillation of the dlib teacher into a MobileFaceNet student.
+class TrainConfig:
+    """Template-level distillation (MaskInv) and its ablations, for the teacher's own network or a MobileFaceNet.
 
-    Each sample gives the student two views of one aligned face, unmasked and synthetically masked;
-    both regress the teacher's embedding of the *unmasked* face (cosine loss), so a masked face is
-    pushed to the template the teacher would have produced without the mask. An optional margin head
-    (CosFace or ArcFace) on the identity labels adds a discriminative term.
+    Per sample the student sees the aligned face, masked with probability `mask_probability` (masks composited
+    from the pool's precomputed layers), and the loss is
+        arc_weight * ElasticFace-Arc(student, identity)               (s, margin ~ N(arc_margin, arc_margin_std))
+      + mse_weight * mean squared error(student, teacher(clean face)) (raw descriptors; "lambda")
+      + cosine_weight * mean(1 - cos(student, teacher(clean face)))   (the earlier cosine-KD objective)
+    `mse_schedule="hard"` (MaskInv-HG) raises lambda from `mse_weight` to `mse_weight_high` once the
+    classification loss has stabilised. `stage="triplet"` trains a new embedding layer on the frozen network of
+    `init_checkpoint` with the triplet loss plus an MSE between masked and unmasked embeddings of the same face.
     """
 
     name: str
     arch: str = "mfn_s"
-    activation: str = "relu"  # edge_mfr.models.mobilefacenet.DEFAULT_ACTIVATION (chosen by speed)
-    embedding_size: int = 128  # = the teacher's, so the student regresses it directly
+    activation: str = "relu"
+    embedding_size: int = 128
+    teacher_projection: bool = False  # regress a teacher of another size through a dropped linear projection
+    init: str = "scratch"  # "scratch", "teacher" (dlib_resnet only) or "checkpoint" (init_checkpoint)
+    init_checkpoint: str | None = None  # a best.pt, or the name of an earlier run in out_dir
+    stage: str = "classify"  # or "triplet"
     # data
-    pool: str = "runs/pool/celeba299_glint24.npz"  # built by `python -m edge_mfr.train prepare`
-    sources: tuple[str, ...] = TRAINING_SOURCES
-    val_identity_fraction: float = 0.1  # identity-disjoint hold-out for model selection
-    mask_probability: float = 1.0  # chance that the second view is masked (else a second clean view)
-    mask_types: str | None = None  # None: all types, or a family ("template", "nist") / one type
-    mask_jitter: float = 0.05
-    flip: bool = True  # mirror both views (the target is then the teacher's mirrored-face embedding)
+    pool: str = "runs/pool_celeba.npz"
+    input_size: int = 112  # student input side; dlib_resnet always takes 150 (crops are resized)
+    holdout_identity_fraction: float = 0.08  # identity-disjoint, for selection during training
+    mask_probability: float = 0.5
+    mask_jitter: float = 0.04  # placement jitter of a mask layer, fraction of the crop side
+    flip: bool = True
+    sampler: str = "random"  # or "pk": batch_size / 4 identities x 4 faces (triplets need positives)
     # losses
-    distill_weight: float = 1.0
-    margin_head: str | None = "cosface"  # "cosface", "arcface" or None
-    margin_weight: float = 0.1
-    margin: float = 0.35
-    scale: float = 64.0
+    arc_weight: float = 1.0
+    arc_scale: float = 64.0
+    arc_margin: float = 0.5
+    arc_margin_std: float = 0.05
+    mse_weight: float = 0.0
+    mse_schedule: str = "fixed"  # or "hard"
+    mse_weight_high: float = 0.0
+    hard_after_steps: int = 0  # "hard": raise lambda once the arc loss has not improved by 2% for this many steps
+    cosine_weight: float = 0.0
+    triplet_margin: float = 0.2
+    pair_mse_weight: float = 0.0
     # optimisation
-    epochs: int = 20
-    batch_size: int = 64  # faces per step; the student sees 2x as many views
-    optimizer: str = "sgd"  # "sgd" (momentum 0.9) or "adamw"
-    lr: float = 0.1
+    steps: int = 1000
+    batch_size: int = 128
+    optimizer: str = "adamw"  # or "sgd" (momentum 0.9)
+    lr: float = 1e-3
+    head_lr: float = 1e-2
+    head_warmup_steps: int = 0  # only the margin head learns at first (the backbone's lr is 0)
     weight_decay: float = 5e-4
-    warmup_epochs: float = 1.0
-    max_steps: int | None = None  # stop early (smoke runs); the schedule still spans `epochs`
-    # machine
-    device: str = "cpu"  # or "cuda"
-    threads: int = 2  # torch CPU threads
-    workers: int = 0  # data loader processes: masks cost ~20-100 ms per face on one core
+    warmup_steps: int = 50
+    eval_every: int = 200
     seed: int = 0
+    # machine (RUNTIME_FIELDS: may change on resume)
+    device: str = "cpu"
+    amp: bool = False  # bfloat16 autocast on CUDA
+    threads: int = 2
+    time_budget_s: float | None = None  # stop cleanly (with a checkpoint) after this much wall time
+    stop_after_steps: int | None = None  # stop cleanly at this step (an interruption on purpose); resume continues
+    progress: bool = True
     out_dir: str = "runs/train"
 
     def __post_init__(self):
-        unknown = [s for s in self.sources if s not in TRAINING_SOURCES]
-        if unknown:
-            raise InputError(f"training sources {unknown} are not allowed; students train on "
-                             f"{', '.join(TRAINING_SOURCES)} only (LFW is evaluation data)")
-        if self.margin_head not in (None, "cosface", "arcface"):
-            raise InputError(f"margin_head must be 'cosface', 'arcface' or None, got {self.margin_head!r}")
-        if self.optimizer not in ("sgd", "adamw"):
-            raise InputError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
-        if not 0.0 <= self.mask_probability <= 1.0 or not 0.0 <= self.val_identity_fraction < 1.0:
-            raise InputError("mask_probability must be in [0, 1] and val_identity_fraction in [0, 1)")
+        checks = [
+            (self.arch in ARCHES, f"arch must be one of {ARCHES}, got {self.arch!r}"),
+            (self.init in ("scratch", "teacher", "checkpoint"), f"init must be scratch|teacher|checkpoint, got {self.init!r}"),
+            (self.init != "teacher" or self.arch == "dlib_resnet", "init='teacher' needs arch='dlib_resnet'"),
+            (self.init != "checkpoint" or self.init_checkpoint, "init='checkpoint' needs init_checkpoint"),
+            (self.stage in ("classify", "triplet"), f"stage must be classify|triplet, got {self.stage!r}"),
+            (self.stage != "triplet" or self.init == "checkpoint", "stage='triplet' trains on a pre-trained checkpoint"),
+            (self.sampler in ("random", "pk"), f"sampler must be random|pk, got {self.sampler!r}"),
+            (self.mse_schedule in ("fixed", "hard"), f"mse_schedule must be fixed|hard, got {self.mse_schedule!r}"),
+            (self.optimizer in ("sgd", "adamw"), f"optimizer must be sgd|adamw, got {self.optimizer!r}"),
+            (0.0 <= self.mask_probability <= 1.0, "mask_probability must be in [0, 1]"),
+            (0.0 < self.holdout_identity_fraction < 1.0, "holdout_identity_fraction must be in (0, 1)"),
+            (self.batch_size >= 4 and self.batch_size % 4 == 0, "batch_size must be a positive multiple of 4"),
+            (self.steps > 0 and self.lr > 0, "steps and lr must be positive"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InputError(f"config {self.name!r}: {message}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def with_overrides(self, overrides: list[str]) -> "DistillConfig":
+    def result_hash(self) -> str:
+        """Hash of every field that changes what the run computes (not RUNTIME_FIELDS)."""
+        fields = {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise InputError(f"unknown config keys {unknown}; known: {', '.join(sorted(known))}")
+        return cls(**values)
+
+    def with_overrides(self, overrides: list[str]) -> "TrainConfig":
         """Apply `key=value` strings, parsed by the field's declared type ("none" for optional fields)."""
         fields = {f.name: str(f.type) for f in dataclasses.fields(self)}
         changes: dict[str, Any] = {}
@@ -88,11 +133,9 @@ class DistillConfig:
                     changes[key] = None
                 elif kind == "bool":
                     changes[key] = {"true": True, "false": False}[text.lower()]
-                elif kind.startswith("tuple"):
-                    changes[key] = tuple(part for part in text.split(",") if part)
                 elif kind.startswith("int"):
                     changes[key] = int(text)
-                elif kind == "float":
+                elif kind.startswith("float"):
                     changes[key] = float(text)
                 else:
                     changes[key] = text
@@ -101,7 +144,7 @@ class DistillConfig:
         return dataclasses.replace(self, **changes)
 
 
-def load_config(name_or_path: str) -> DistillConfig:
+def load_config(name_or_path: str) -> TrainConfig:
     """A config by name (edge_mfr/train/configs/NAME.py) or by path to a .py file defining `config`."""
     path = Path(name_or_path)
     if path.suffix == ".py":
@@ -109,7 +152,10 @@ def load_config(name_or_path: str) -> DistillConfig:
             raise InputError(f"config file {path} does not exist")
         spec = importlib.util.spec_from_file_location(f"edge_mfr_train_config_{path.stem}", path)
         module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        try:
+            spec.loader.exec_module(module)
+        except TypeError as exc:  # TrainConfig(unknown_key=...)
+            raise InputError(f"{path}: {exc}") from None
     else:
         try:
             module = importlib.import_module(f"edge_mfr.train.configs.{name_or_path}")
@@ -117,6 +163,6 @@ def load_config(name_or_path: str) -> DistillConfig:
             known = sorted(p.stem for p in (Path(__file__).parent / "configs").glob("[!_]*.py"))
             raise InputError(f"no training config {name_or_path!r}; known: {', '.join(known)}") from None
     config = getattr(module, "config", None)
-    if not isinstance(config, DistillConfig):
-        raise InputError(f"{name_or_path} does not define `config = DistillConfig(...)`")
+    if not isinstance(config, TrainConfig):
+        raise InputError(f"{name_or_path} does not define `config = TrainConfig(...)`")
     return config

@@ -1,62 +1,203 @@
-"""The distillation training pool: aligned student crops with the teacher's embeddings as targets.
+"""The training pool: every face aligned once, compressed, with the teacher's clean templates and a bank of
+precomputed mask layers, in one archive small enough to move to a GPU machine.
 
-`build_pool` walks the allowed sources (celeba299: detect + align; glint24: already ArcFace-aligned),
-keeps one 112x112 ArcFace crop per image and runs the teacher package on that same crop (and its mirror
-image), so the teacher sees exactly the unmasked pixels the student will see. Running the teacher from
-the 112 crop instead of the full photo changes its embedding very little (cosine 0.996 on CelebA), and
-it makes both sources alike. The pool is cached as one .npz; `DistillDataset` serves (clean view,
-masked view) pairs from it with per-sample seeded masks.
+`prepare_pool` walks the allowed sources, detects the face (MTCNN, whose landmarks the dlib-chip template was
+fitted to), warps it to the dlib chip framing at `crop_size` (the teacher's own framing; students use the same
+crops, resized), stores it as WebP, and caches the teacher's raw descriptors of the decoded clean crop and of its
+mirror image, computed from exactly the pixels training will see. Images that are missing, unreadable or without
+a detected face are skipped and counted. A mirrored view is the mirrored crop as it is (no re-alignment):
+its target is the teacher's descriptor of exactly that mirrored crop. Masks are not drawn per face: `mask_layers` paints a few hundred masks
+(all types, colours, textures, placement jitter) once, and training composites them per batch.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from edge_mfr import align
 from edge_mfr.errors import InputError
-from edge_mfr.train.config import TRAINING_SOURCES
 
-POOL_FORMAT = "edge-mfr-distill-pool/1"
-CROP_SIZE = (112, 112)
-STUDENT_MEAN = 127.5
-STUDENT_STD = 127.5
-# Our five landmarks mirrored: left/right eyes and mouth corners swap places.
-MIRROR_ORDER = [1, 0, 2, 4, 3]
+POOL_FORMAT = "edge-mfr-train-pool/2"
+# Folder -> split of identities.txt allowed for training (None: the whole folder). LFW is evaluation data, and
+# celeba_test's `calib` split is for thresholds and model selection: neither is ever here.
+TRAINING_SOURCES: dict[str, str | None] = {"celeba299": None, "glint24": None, "celeba_test": "train"}
+# Where our five landmarks sit in the dlib 150x150 chip (edge_mfr.models.teacher.DLIB_CHIP_TEMPLATE_150),
+# repeated here so the GPU side needs no teacher import.
+DLIB_CHIP_TEMPLATE_150 = np.array([[47.0310, 45.9658], [100.1600, 45.8562], [73.2721, 76.9079],
+                                   [49.3558, 101.9932], [97.8055, 101.9062]])
+WEBP_QUALITY = 85  # 112 px chips: ~1.8 kB each, teacher cosine to the uncompressed chip 0.998 (mean)
 
 
-def mirror_landmarks(landmarks: np.ndarray, width: int) -> np.ndarray:
-    """Landmarks of the horizontally flipped image (pixel centres: x -> width - 1 - x), in our order."""
-    mirrored = np.asarray(landmarks, np.float64).copy()
-    mirrored[..., 0] = width - 1 - mirrored[..., 0]
-    return mirrored[..., MIRROR_ORDER, :]
+def chip_template(size: int) -> np.ndarray:
+    return DLIB_CHIP_TEMPLATE_150 * (size / 150.0)
+
+
+def train_data_terms(sources) -> list[dict]:
+    """The `recipe["train_data"]` entries of a package trained on `sources` (read by `edge-mfr calibrate`)."""
+    return [{"name": source, "split": TRAINING_SOURCES[source]} for source in sources]
+
+
+@dataclass
+class SkipCounts:
+    missing: int = 0
+    unreadable: int = 0
+    no_face: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    def add(self, kind: str, file: Path) -> None:
+        setattr(self, kind, getattr(self, kind) + 1)
+        if len(self.examples) < 20:
+            self.examples.append(f"{kind}: {file}")
+
+    def as_dict(self) -> dict:
+        return {"missing": self.missing, "unreadable": self.unreadable, "no_face": self.no_face,
+                "examples": self.examples}
+
+
+def _celeba_items(root: Path, split: str | None, max_per_identity: int | None, max_identities: int | None):
+    listing = root / "identities.txt"
+    if not listing.is_file():
+        raise InputError(f"{listing} not found: a CelebA source needs its identities.txt")
+    per_identity: dict[str, list[Path]] = {}
+    for number, line in enumerate(listing.read_text().splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) < 2 or (split is not None and len(parts) < 3):
+            raise InputError(f"{listing}:{number}: expected 'file identity{' split' if split else ''}', got {line!r}")
+        if split is not None and parts[2] != split:
+            continue
+        per_identity.setdefault(parts[1], []).append(root / "images" / parts[0])
+    for identity in sorted(per_identity, key=lambda i: (len(i), i))[:max_identities]:
+        for file in per_identity[identity][:max_per_identity]:
+            yield identity, file
+
+
+def _folder_items(root: Path, max_per_identity: int | None, max_identities: int | None):
+    for folder in sorted(p for p in root.iterdir() if p.is_dir())[:max_identities]:
+        files = sorted(folder.glob("*.jpg"), key=lambda p: (len(p.stem), p.stem))[:max_per_identity]
+        for file in files:
+            yield folder.name, file
+
+
+def source_items(data_dir: Path, source: str, max_per_identity: int | None = None,
+                 max_identities: int | None = None):
+    """(identity, file) of one allowed training source, in a fixed order."""
+    if source not in TRAINING_SOURCES:
+        raise InputError(f"{source!r} is not training data; allowed: {', '.join(TRAINING_SOURCES)} "
+                         "(LFW and celeba_test calib are evaluation data)")
+    root = Path(data_dir) / source
+    if not root.is_dir():
+        raise InputError(f"training source {root} not found")
+    if source == "glint24":
+        return list(_folder_items(root, max_per_identity, max_identities))
+    return list(_celeba_items(root, TRAINING_SOURCES[source], max_per_identity, max_identities))
+
+
+def mirror_crops(crops: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(crops[..., ::-1, :])
+
+
+def mask_layers(count: int, size: int, seed: int, jitter: float = 0.05):
+    """`count` mask layers over all mask types in turn: (colour (n, s, s, 3) uint8 premultiplied BGR,
+    alpha (n, s, s) uint8, lit (n,) bool, types (n,) str)."""
+    from edge_mfr.masks import MASK_TYPES
+    from edge_mfr.masks.apply import render_mask_layer
+
+    rng = np.random.default_rng(seed)
+    colours, alphas, lit, types = [], [], [], []
+    for index in range(count):
+        mask_type = MASK_TYPES[index % len(MASK_TYPES)]
+        layer, is_lit = render_mask_layer(mask_type, rng, (size, size), chip_template(size), jitter=jitter)
+        colours.append(np.clip(np.rint(layer[..., :3]), 0, 255).astype(np.uint8))
+        alphas.append(np.clip(np.rint(layer[..., 3] * 255), 0, 255).astype(np.uint8))
+        lit.append(is_lit)
+        types.append(mask_type)
+    return np.stack(colours), np.stack(alphas), np.array(lit), np.array(types)
 
 
 @dataclass
 class TrainingPool:
-    crops: np.ndarray  # (N, 112, 112, 3) uint8 BGR, ArcFace-aligned
-    teacher: np.ndarray  # (N, D) float32 L2-normalised teacher embeddings of the clean crop
+    blobs: np.ndarray  # (total,) uint8: the WebP files back to back
+    offsets: np.ndarray  # (N + 1,) int64
+    teacher: np.ndarray  # (N, D) float32 raw teacher descriptors of the clean crop
     teacher_flipped: np.ndarray  # (N, D) the same for the mirrored crop
     labels: np.ndarray  # (N,) int64 index into identities
     identities: list[str]  # "<source>/<identity>"
     files: list[str]  # "<source>/<relative path>"
-    teacher_fingerprint: str
+    mask_colour: np.ndarray
+    mask_alpha: np.ndarray
+    mask_lit: np.ndarray
+    mask_types: np.ndarray
+    meta: dict  # crop_size, sources, teacher fingerprint and layout, skip counts
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def crop_size(self) -> int:
+        return int(self.meta["crop_size"])
+
     def sources(self) -> np.ndarray:
         return np.array([self.identities[label].split("/", 1)[0] for label in self.labels])
+
+    def decode(self, rows=None) -> np.ndarray:
+        """uint8 BGR crops (n, s, s, 3)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        rows = range(len(self)) if rows is None else rows
+
+        def one(row: int):
+            return cv2.imdecode(self.blobs[self.offsets[row]:self.offsets[row + 1]], cv2.IMREAD_COLOR)
+
+        with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as workers:  # imdecode releases the GIL
+            out = list(workers.map(one, rows, chunksize=256))
+        if any(crop is None for crop in out):
+            raise InputError("training pool holds a crop that does not decode: rebuild it")
+        return np.stack(out)
+
+    @property
+    def has_templates(self) -> bool:
+        return self.teacher.shape[0] == len(self) and len(self) > 0
+
+    def add_teacher_templates(self, device: str = "cpu", batch_size: int = 256) -> None:
+        """Cache the teacher's raw descriptors of every clean crop and of its mirror image (the bundled teacher,
+        checked against the fingerprint the pool was made for)."""
+        import torch
+
+        from edge_mfr.models.package import file_sha256
+        from edge_mfr.train.teacher import TeacherNet
+        from edge_mfr.train.trainer import teacher_onnx_path
+
+        onnx_path = teacher_onnx_path()
+        if file_sha256(onnx_path) != self.meta["teacher_fingerprint"]:
+            raise InputError(f"{onnx_path} is not the teacher this pool was prepared for")
+        teacher = TeacherNet.from_onnx(onnx_path, self.meta["teacher_layout"], self.meta["teacher_fingerprint"], device)
+        clean, flipped = [], []
+        tf32 = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = False  # templates in full float32 on any device
+        try:
+            for start in range(0, len(self), batch_size):
+                crops = self.decode(range(start, min(len(self), start + batch_size)))
+                clean.append(teacher.embed_crops(crops, batch_size))
+                flipped.append(teacher.embed_crops(mirror_crops(crops), batch_size))
+        finally:
+            torch.backends.cudnn.allow_tf32 = tf32
+        self.teacher, self.teacher_flipped = np.concatenate(clean), np.concatenate(flipped)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, format=POOL_FORMAT, crops=self.crops, teacher=self.teacher,
+        # compressed: the mask layers are mostly empty (the WebP crops stay as they are)
+        np.savez_compressed(tmp, format=POOL_FORMAT, blobs=self.blobs, offsets=self.offsets, teacher=self.teacher,
                  teacher_flipped=self.teacher_flipped, labels=self.labels, identities=np.array(self.identities),
-                 files=np.array(self.files), teacher_fingerprint=self.teacher_fingerprint)
+                 files=np.array(self.files), mask_colour=self.mask_colour, mask_alpha=self.mask_alpha,
+                 mask_lit=self.mask_lit, mask_types=self.mask_types, meta=json.dumps(self.meta))
         tmp.replace(path)
         return path
 
@@ -65,145 +206,86 @@ class TrainingPool:
         path = Path(path)
         if not path.is_file():
             raise InputError(f"training pool {path} not found; build it with `python -m edge_mfr.train prepare`")
-        with np.load(path) as data:
-            if str(data["format"]) != POOL_FORMAT:
-                raise InputError(f"{path} is not a {POOL_FORMAT} file")
-            pool = cls(crops=data["crops"], teacher=data["teacher"], teacher_flipped=data["teacher_flipped"],
-                       labels=data["labels"].astype(np.int64), identities=[str(i) for i in data["identities"]],
-                       files=[str(f) for f in data["files"]], teacher_fingerprint=str(data["teacher_fingerprint"]))
+        try:
+            with np.load(path) as data:
+                if "format" not in data or str(data["format"]) != POOL_FORMAT:
+                    raise InputError(f"{path} is not a {POOL_FORMAT} file")
+                pool = cls(blobs=data["blobs"], offsets=data["offsets"], teacher=data["teacher"],
+                           teacher_flipped=data["teacher_flipped"], labels=data["labels"].astype(np.int64),
+                           identities=[str(i) for i in data["identities"]], files=[str(f) for f in data["files"]],
+                           mask_colour=data["mask_colour"], mask_alpha=data["mask_alpha"],
+                           mask_lit=data["mask_lit"], mask_types=data["mask_types"],
+                           meta=json.loads(str(data["meta"])))
+        except (OSError, ValueError, KeyError) as exc:
+            raise InputError(f"training pool {path} is unreadable: {exc}") from None
         forbidden = sorted({s for s in pool.sources() if s not in TRAINING_SOURCES})
         if forbidden:
-            raise InputError(f"{path} holds images from {forbidden}; students train on {TRAINING_SOURCES} only")
+            raise InputError(f"{path} holds images from {forbidden}; training uses {list(TRAINING_SOURCES)} only")
         return pool
 
 
-def _glint_items(root: Path, max_per_identity: int | None):
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        files = sorted(folder.glob("*.jpg"), key=lambda p: (len(p.stem), p.stem))[:max_per_identity]
-        for file in files:
-            yield folder.name, file
-
-
-def _celeba_items(root: Path, max_per_identity: int | None):
-    per_identity: dict[str, list[Path]] = {}
-    for line in (root / "identities.txt").read_text().splitlines():
-        if line.strip():
-            name, identity = line.split()
-            per_identity.setdefault(identity, []).append(root / "images" / name)
-    for identity in sorted(per_identity, key=int):
-        for file in per_identity[identity][:max_per_identity]:
-            yield identity, file
-
-
-def build_pool(data_dir: str | Path, teacher, sources=TRAINING_SOURCES, max_per_identity: int | None = None,
-               batch_size: int = 64, threads: int = 1, progress: bool = True) -> TrainingPool:
-    """Detect/align every training image and embed it (and its mirror) with the teacher package.
-
-    teacher: a ModelPackage or path (the dlib teacher). Images where no face is found are skipped.
-    """
+def prepare_pool(data_dir: str | Path, sources=("celeba299", "celeba_test"), crop_size: int = 112,
+                 max_per_identity: int | None = None, max_identities: int | None = None, mask_count: int = 600, seed: int = 0, threads: int = 1,
+                 with_templates: bool = True, progress: bool = True) -> TrainingPool:
+    """Detect, align, compress and embed every training image of `sources`; see the module docstring."""
     from tqdm import tqdm
 
+    from edge_mfr import align
     from edge_mfr.detect import MTCNNDetector
-    from edge_mfr.embed import FaceEmbedder
-
-    unknown = [s for s in sources if s not in TRAINING_SOURCES]
-    if unknown:
-        raise InputError(f"sources {unknown} are not training data; allowed: {', '.join(TRAINING_SOURCES)}")
     data_dir = Path(data_dir)
-    embedder = FaceEmbedder(teacher, threads=threads)
+    template = chip_template(crop_size)
     detector = MTCNNDetector(threads=threads)
-    template = align.ARCFACE_TEMPLATE_112
-    template_mirrored = mirror_landmarks(template, CROP_SIZE[1])
-
-    crops, labels, files, identities = [], [], [], []
+    skipped = SkipCounts()
+    blobs, labels, files, identities = [], [], [], []
     identity_index: dict[str, int] = {}
-    skipped = 0
     for source in sources:
-        root = data_dir / source
-        if not root.is_dir():
-            raise InputError(f"training source {root} not found")
-        items = list(_glint_items(root, max_per_identity) if source == "glint24"
-                     else _celeba_items(root, max_per_identity))
-        for identity, file in tqdm(items, desc=f"aligning {source}", disable=not progress):
+        items = source_items(data_dir, source, max_per_identity, max_identities)
+        for identity, file in tqdm(items, desc=f"aligning {source}", disable=not progress, mininterval=5):
+            if not file.is_file():
+                skipped.add("missing", file)
+                continue
             image = cv2.imread(str(file), cv2.IMREAD_COLOR)
             if image is None:
-                raise InputError(f"cannot read training image {file}")
-            if source == "glint24":
-                if image.shape[:2] != CROP_SIZE:
-                    raise InputError(f"{file}: glint24 crops must be 112x112, got {image.shape[:2]}")
-                crop = image
+                skipped.add("unreadable", file)
+                continue
+            if source == "glint24":  # already aligned to the ArcFace 112 template: its landmarks are known
+                landmarks = align.template_for_size(image.shape[:2])
             else:
                 detection = detector.detect_largest(image)
                 if detection is None:
-                    skipped += 1
+                    skipped.add("no_face", file)
                     continue
-                crop = align.warp_crops(image, detection.landmarks[None], size=CROP_SIZE)[0]
+                landmarks = detection.landmarks
+            crop = align.warp_crops(image, landmarks[None], template=template, size=(crop_size, crop_size))[0]
+            ok, encoded = cv2.imencode(".webp", crop, [cv2.IMWRITE_WEBP_QUALITY, WEBP_QUALITY])
+            if not ok:
+                raise InputError(f"WebP encoding failed for {file}")
             key = f"{source}/{identity}"
             if key not in identity_index:
                 identity_index[key] = len(identities)
                 identities.append(key)
-            crops.append(crop)
+            blobs.append(encoded.ravel())
             labels.append(identity_index[key])
-            files.append(f"{source}/{file.relative_to(root)}")
-    if not crops:
-        raise InputError(f"no training faces found under {data_dir} for {sources}")
+            files.append(f"{source}/{file.relative_to(data_dir / source)}")
+    if not blobs:
+        raise InputError(f"no training faces found under {data_dir} for {list(sources)}")
+    offsets = np.concatenate([[0], np.cumsum([len(b) for b in blobs])]).astype(np.int64)
+    mask_colour, mask_alpha, mask_lit, types = mask_layers(mask_count, crop_size, seed)
+    from edge_mfr.models.dlib_format import load_dlib_face_resnet
+    from edge_mfr.models.package import load_package
+    from edge_mfr.models.teacher import TEACHER_NAME, default_dat_path
+    from edge_mfr.train.teacher import layout_of
 
-    def teacher_embeddings(flipped: bool) -> np.ndarray:
-        out = []
-        points = (template_mirrored if flipped else template)[None]
-        for start in tqdm(range(0, len(crops), batch_size), desc=f"teacher{' (mirrored)' if flipped else ''}",
-                          disable=not progress):
-            chunk = crops[start:start + batch_size]
-            batch = np.concatenate([embedder.preprocess(np.ascontiguousarray(c[:, ::-1]) if flipped else c, points)
-                                    for c in chunk])
-            out.append(embedder.backend.embed(batch))
-        return np.concatenate(out).astype(np.float32)
-
-    if progress and skipped:
-        print(f"skipped {skipped} images without a detected face")
-    return TrainingPool(crops=np.stack(crops), teacher=teacher_embeddings(False),
-                        teacher_flipped=teacher_embeddings(True), labels=np.asarray(labels, np.int64),
-                        identities=identities, files=files, teacher_fingerprint=embedder.fingerprint)
-
-
-def to_student_input(crops_bgr: np.ndarray) -> np.ndarray:
-    """uint8 BGR (..., h, w, 3) -> float32 RGB (..., 3, h, w) normalised as student packages declare."""
-    rgb = crops_bgr[..., ::-1].astype(np.float32)
-    return np.ascontiguousarray(np.moveaxis((rgb - STUDENT_MEAN) / STUDENT_STD, -1, -3))
-
-
-class DistillDataset:
-    """(views (2, 3, 112, 112) float32 [clean, masked], teacher target (D,), label) per pool row.
-
-    Masks and flips come from a generator seeded by (seed, epoch, row), so a run is reproducible with
-    any number of loader workers; call `set_epoch` before each epoch.
-    """
-
-    def __init__(self, pool: TrainingPool, rows: np.ndarray, mask_probability: float, mask_types, mask_jitter: float,
-                 flip: bool, seed: int):
-        from edge_mfr.masks import MaskAugment
-
-        self.pool = pool
-        self.rows = np.asarray(rows)
-        self.augment = MaskAugment(p=mask_probability, types=mask_types, jitter=mask_jitter)
-        self.flip = flip
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: int):
-        row = int(self.rows[index])
-        rng = np.random.default_rng([self.seed, self.epoch, row])
-        crop = self.pool.crops[row]
-        target = self.pool.teacher[row]
-        if self.flip and rng.random() < 0.5:
-            crop = np.ascontiguousarray(crop[:, ::-1])
-            target = self.pool.teacher_flipped[row]
-        masked = self.augment(crop, rng=rng)
-        views = to_student_input(np.stack([crop, masked]))
-        return views, target.astype(np.float32), int(self.pool.labels[row])
+    teacher = load_package(TEACHER_NAME)
+    meta = {"crop_size": crop_size, "template": template.tolist(), "sources": list(sources),
+            "train_data": train_data_terms(sources), "max_per_identity": max_per_identity,
+            "detector": "mtcnn", "webp_quality": WEBP_QUALITY, "skipped": skipped.as_dict(),
+            "teacher_fingerprint": teacher.fingerprint,
+            "teacher_layout": layout_of(load_dlib_face_resnet(default_dat_path())), "seed": seed}
+    pool = TrainingPool(blobs=np.concatenate(blobs), offsets=offsets, teacher=np.empty((0, 0), np.float32),
+                        teacher_flipped=np.empty((0, 0), np.float32), labels=np.asarray(labels, np.int64),
+                        identities=identities, files=files, mask_colour=mask_colour, mask_alpha=mask_alpha,
+                        mask_lit=mask_lit, mask_types=types, meta=meta)
+    if with_templates:
+        pool.add_teacher_templates()
+    return pool

@@ -1,0 +1,557 @@
+"""The training loop: one `TrainConfig`, one process or several under torchrun, exact resume.
+
+Data: the whole pool is decoded once and kept on the training device as uint8; each step takes a global batch of
+rows (a seeded permutation per epoch, or P identities x K faces), draws its augmentation for the whole global
+batch from a generator seeded by (seed, step), and each process takes its slice [rank::world]. Gradients are
+averaged by DistributedDataParallel (SyncBatchNorm for MobileFaceNets), so N processes compute what one does, up
+to floating-point order. A checkpoint holds the model, head, optimizer, scheduler, step, lambda schedule state
+and history; nothing else is random, so a resumed run continues the same sequence.
+
+Selection: every `eval_every` steps, on an identity-disjoint hold-out of the pool, TPR at FMR 1e-3 for clean-clean
+(uu), clean-masked (um) and masked-masked (mm) pairs with fixed masks. `best.pt` keeps the weights with the best
+mean of um and mm among those whose uu stays within 0.01 of the starting network's (for a teacher-initialised
+run: the teacher's), never the lowest loss.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from edge_mfr.errors import InputError
+from edge_mfr.train.augment import BatchAugment, step_generator, student_input
+from edge_mfr.train.config import TrainConfig
+from edge_mfr.train.data import TrainingPool
+from edge_mfr.train.losses import ElasticArcHead, batch_hard_triplet, cosine_distance, squared_error
+
+CHECKPOINT_FORMAT = "edge-mfr-train-checkpoint/1"
+HOLDOUT_SEED_STEP = 10**9  # the hold-out's masks: a step number no run reaches
+SELECTION_FMR = 1e-3
+UU_TOLERANCE = 0.01
+PK_FACES = 4
+
+
+class TrainModule(nn.Module):
+    """Network + the parts dropped after training (margin head, teacher projection), one forward for DDP."""
+
+    def __init__(self, network: nn.Module, head: nn.Module | None, projection: nn.Module | None):
+        super().__init__()
+        self.network, self.head, self.projection = network, head, projection
+
+    def forward(self, x, labels=None, margin_noise=None):
+        embedding = self.network(x)
+        logits = self.head(embedding, labels, margin_noise) if self.head is not None and labels is not None else None
+        regressed = self.projection(embedding) if self.projection is not None else embedding
+        return embedding, logits, regressed
+
+
+class EmbeddingStack(nn.Module):
+    """A frozen pre-trained network with a new embedding layer on top ("My eyes are up here", stage 2)."""
+
+    def __init__(self, backbone: nn.Module, embedding_size: int):
+        super().__init__()
+        self.backbone = backbone
+        for param in self.backbone.parameters():
+            param.requires_grad_(False)
+        width = _embedding_width(backbone)
+        self.embedding = nn.Linear(width, embedding_size)
+        with torch.no_grad():  # start as the identity where sizes allow: the stage begins at the backbone's space
+            self.embedding.weight.copy_(torch.eye(embedding_size, width))
+            self.embedding.bias.zero_()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.backbone.eval()  # frozen: BN statistics stay as pre-trained
+        return self
+
+    def forward(self, x):
+        with torch.no_grad():
+            features = self.backbone(x)
+        return self.embedding(features)
+
+
+def _embedding_width(network: nn.Module) -> int:
+    return int(getattr(network, "embedding_size", 0) or network.embedding.weight.shape[0])
+
+
+# --- construction ---------------------------------------------------------------------------------------
+
+def teacher_onnx_path() -> Path:
+    from edge_mfr.models.package import BUNDLED_DIR
+
+    return BUNDLED_DIR / "dlib_resnet_v1.onnx"
+
+
+def network_skeleton(config: TrainConfig, pool_meta: dict) -> nn.Module:
+    """The config's network with untrained weights (no stage-2 layer)."""
+    if config.arch == "dlib_resnet":
+        from edge_mfr.train.teacher import network_from_layout
+
+        network = network_from_layout(pool_meta["teacher_layout"])
+        if config.embedding_size != network.embedding.weight.shape[0]:
+            raise InputError(f"dlib_resnet embeds in {network.embedding.weight.shape[0]} dimensions, "
+                             f"the config asks for {config.embedding_size}")
+        return network
+    from edge_mfr.models.mobilefacenet import build_student
+
+    if config.input_size != pool_meta["crop_size"]:
+        raise InputError(f"config {config.name!r} wants {config.input_size}x{config.input_size} input, the pool "
+                         f"holds {pool_meta['crop_size']}x{pool_meta['crop_size']} crops: rebuild the pool or fix "
+                         "input_size")
+    return build_student(config.arch, embedding_size=config.embedding_size, activation=config.activation,
+                         input_size=(config.input_size, config.input_size))
+
+
+def build_network(config: TrainConfig, pool: TrainingPool) -> nn.Module:
+    """The network a run starts from: untrained, the teacher, or a checkpoint's (plus a new layer for stage 2)."""
+    from edge_mfr.models.package import file_sha256
+
+    network = network_skeleton(config, pool.meta)
+    if config.init == "teacher":
+        from edge_mfr.train.teacher import load_onnx_weights
+
+        onnx_path = teacher_onnx_path()
+        if file_sha256(onnx_path) != pool.meta["teacher_fingerprint"]:
+            raise InputError(f"{onnx_path} is not the teacher the pool's templates come from")
+        load_onnx_weights(network, onnx_path)
+    elif config.init == "checkpoint":
+        path = init_checkpoint_path(config)
+        record = load_train_checkpoint(path)
+        if record["config"]["arch"] != config.arch or "network" not in record:
+            raise InputError(f"{path} does not hold a trained {config.arch} (best.pt of a run)")
+        network.load_state_dict(record["network"])
+    if config.stage == "triplet":
+        network = EmbeddingStack(network, config.embedding_size)
+    return network
+
+
+def init_checkpoint_path(config: TrainConfig) -> Path:
+    """init_checkpoint is a file, or the name of an earlier run in the same out_dir (its best.pt)."""
+    given = Path(config.init_checkpoint)
+    return given if given.suffix == ".pt" else Path(config.out_dir) / config.init_checkpoint / "best.pt"
+
+
+def build_network_from_record(record: dict) -> nn.Module:
+    """The trained network of a `best.pt` record."""
+    config = TrainConfig.from_dict(record["config"])
+    network = network_skeleton(config, record["pool_meta"])
+    if config.stage == "triplet":
+        network = EmbeddingStack(network, config.embedding_size)
+    network.load_state_dict(record["network"])
+    return network
+
+
+def load_train_checkpoint(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises pickle, zip and runtime errors for damaged files
+        raise InputError(f"cannot read checkpoint {path}: {exc}") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise InputError(f"{path} is not an edge-mfr training checkpoint")
+    return state
+
+
+def split_holdout(pool: TrainingPool, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices (train, hold-out), split by identity."""
+    identities = np.unique(pool.labels)
+    rng = np.random.default_rng(seed)
+    held = rng.permutation(identities)[:max(2, int(round(len(identities) * fraction)))]
+    is_held = np.isin(pool.labels, held)
+    return np.flatnonzero(~is_held), np.flatnonzero(is_held)
+
+
+# --- measuring ------------------------------------------------------------------------------------------
+
+def tpr_at_fmr(scores: torch.Tensor, genuine: torch.Tensor, fmr: float) -> float:
+    impostor = scores[~genuine]
+    if impostor.numel() == 0 or not bool(genuine.any()):
+        return float("nan")
+    k = max(1, int(math.floor(fmr * impostor.numel())))
+    threshold = torch.topk(impostor, k).values[-1]
+    return float((scores[genuine] > threshold).float().mean())
+
+
+@torch.no_grad()
+def holdout_metrics(network: nn.Module, crops: torch.Tensor, labels: torch.Tensor, augment: BatchAugment,
+                    config: TrainConfig, mean_rgb, batch: int = 256) -> dict[str, float]:
+    was_training = network.training
+    network.eval()
+    choice = augment.draw(len(crops), step_generator(config.seed, HOLDOUT_SEED_STEP))
+    choice["flip"][:] = False
+    views = {}
+    for masked in (False, True):
+        choice["masked"][:] = masked
+        out = []
+        for start in range(0, len(crops), batch):
+            part = {k: v[start:start + batch] for k, v in choice.items()}
+            x = student_input(augment.apply(crops[start:start + batch], part), config.arch, mean_rgb)
+            with _autocast(config):
+                out.append(F.normalize(network(x).float(), dim=1))
+        views[masked] = torch.cat(out)
+    network.train(was_training)
+    n = len(crops)
+    upper = torch.triu(torch.ones(n, n, dtype=torch.bool, device=crops.device), 1)
+    genuine = (labels[:, None] == labels[None, :])[upper]
+    # um pairs: every ordered pair (i clean, j masked) with i != j; uu and mm: each unordered pair once.
+    off_diagonal = ~torch.eye(n, dtype=torch.bool, device=crops.device)
+    return {
+        "tpr_uu": tpr_at_fmr((views[False] @ views[False].T)[upper], genuine, SELECTION_FMR),
+        "tpr_um": tpr_at_fmr((views[False] @ views[True].T)[off_diagonal],
+                             (labels[:, None] == labels[None, :])[off_diagonal], SELECTION_FMR),
+        "tpr_mm": tpr_at_fmr((views[True] @ views[True].T)[upper], genuine, SELECTION_FMR),
+    }
+
+
+def _autocast(config: TrainConfig):
+    enabled = config.amp and config.device.startswith("cuda")
+    return torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=enabled) if enabled else _NullContext()
+
+
+class _NullContext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# --- the loop -------------------------------------------------------------------------------------------
+
+class BatchOrder:
+    """Global batch rows of step s: a seeded permutation per epoch (drop-last), or P identities x K faces."""
+
+    def __init__(self, rows: np.ndarray, labels: np.ndarray, config: TrainConfig):
+        self.rows, self.labels, self.config = rows, labels, config
+        self.per_epoch = len(rows) - len(rows) % config.batch_size
+        by_identity: dict[int, list[int]] = {}
+        for row in rows:
+            by_identity.setdefault(int(labels[row]), []).append(int(row))
+        self.by_identity = [np.array(v) for v in by_identity.values() if len(v) >= 2]
+
+    def __call__(self, step: int) -> np.ndarray:
+        b = self.config.batch_size
+        if self.config.sampler == "pk":
+            rng = np.random.default_rng([self.config.seed, step, 2])
+            chosen = rng.choice(len(self.by_identity), b // PK_FACES, replace=False)
+            return np.concatenate([rng.choice(self.by_identity[i], PK_FACES, replace=len(self.by_identity[i]) < PK_FACES)
+                                   for i in chosen])
+        position = step * b
+        epoch, offset = divmod(position, self.per_epoch)
+        order = np.random.default_rng([self.config.seed, epoch, 1]).permutation(len(self.rows))[:self.per_epoch]
+        return self.rows[order[offset:offset + b]]
+
+
+def _lr_lambdas(config: TrainConfig):
+    def cosine(step: int, start: int) -> float:
+        if step < start:
+            return 0.0
+        local = step - start
+        if local < config.warmup_steps:
+            return (local + 1) / config.warmup_steps
+        progress = (local - config.warmup_steps) / max(1, config.steps - start - config.warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return [lambda s: cosine(s, config.head_warmup_steps), lambda s: cosine(s, 0)]
+
+
+def _parameter_groups(module: TrainModule, config: TrainConfig):
+    def split(params):
+        params = [p for p in params if p.requires_grad]
+        return ([p for p in params if p.ndim > 1], [p for p in params if p.ndim <= 1])
+
+    net_decay, net_plain = split(module.network.parameters())
+    extra = [p for m in (module.head, module.projection) if m is not None for p in m.parameters()]
+    extra_decay, extra_plain = split(extra)
+    # Two schedules (backbone, head), each with and without weight decay: 1-D parameters (biases, BN) get none.
+    return [
+        {"params": net_decay, "weight_decay": config.weight_decay, "lr": config.lr},
+        {"params": extra_decay, "weight_decay": config.weight_decay, "lr": config.head_lr},
+        {"params": net_plain, "weight_decay": 0.0, "lr": config.lr},
+        {"params": extra_plain, "weight_decay": 0.0, "lr": config.head_lr},
+    ]
+
+
+def _distributed() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+    rank = torch.distributed.get_rank() if world > 1 else 0
+    return rank, world
+
+
+def fit(config: TrainConfig, resume: bool = False, log: Callable[[str], None] = print) -> Path:
+    """Train one config; returns the run folder (last.pt, best.pt, history.json, loss_curve.png)."""
+    rank, world = _distributed()
+    if config.batch_size % world:
+        raise InputError(f"batch_size {config.batch_size} does not split over {world} processes")
+    device = torch.device(config.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+    else:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    log = log if rank == 0 else (lambda _message: None)
+
+    pool = TrainingPool.load(config.pool)
+    if not pool.has_templates:  # computed once on the training device, then cached in the pool file
+        started = time.perf_counter()
+        pool.add_teacher_templates(str(device))
+        if rank == 0:
+            pool.save(config.pool)
+        log(f"teacher templates of {len(pool)} faces (and mirrors) in {time.perf_counter() - started:.1f} s")
+    train_rows, held_rows = split_holdout(pool, config.holdout_identity_fraction, config.seed)
+    classes = {int(c): i for i, c in enumerate(np.unique(pool.labels[train_rows]))}
+    class_of_row = np.full(len(pool), -1, np.int64)
+    class_of_row[train_rows] = [classes[int(label)] for label in pool.labels[train_rows]]
+    started = time.perf_counter()
+    crops = torch.from_numpy(pool.decode()).to(device)
+    decode_s = time.perf_counter() - started
+    teacher = torch.from_numpy(pool.teacher).to(device)
+    teacher_flipped = torch.from_numpy(pool.teacher_flipped).to(device)
+    row_class = torch.from_numpy(class_of_row).to(device)
+    mean_rgb = pool.meta["teacher_layout"]["mean_rgb"]
+    augment = BatchAugment(pool.mask_colour, pool.mask_alpha, pool.mask_lit, config.mask_probability,
+                           config.mask_jitter, config.flip, device)
+
+    network = build_network(config, pool)
+    teacher_dim = pool.teacher.shape[1]
+    regresses = config.mse_weight > 0 or config.mse_weight_high > 0 or config.cosine_weight > 0
+    projection = None
+    if regresses and _embedding_width(network) != teacher_dim:
+        if not config.teacher_projection:
+            raise InputError(f"the teacher's templates are {teacher_dim}-d, the student's {_embedding_width(network)}-d: "
+                             "set embedding_size to match or teacher_projection=true")
+        projection = nn.Linear(_embedding_width(network), teacher_dim, bias=False)
+    head = (ElasticArcHead(_embedding_width(network), len(classes), config.arc_scale, config.arc_margin,
+                           config.arc_margin_std) if config.arc_weight > 0 else None)
+    module = TrainModule(network, head, projection).to(device).train()
+    if world > 1 and config.arch != "dlib_resnet":
+        if device.type == "cuda":
+            module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        else:  # PyTorch's SyncBatchNorm is CUDA-only: on CPU each process normalises over its own slice
+            log(f"note: {config.arch} has batch norm; on CPU its statistics are per process, so {world} processes "
+                "differ slightly from one (the dlib network has none)")
+    optimizer = (torch.optim.AdamW(_parameter_groups(module, config)) if config.optimizer == "adamw"
+                 else torch.optim.SGD(_parameter_groups(module, config), momentum=0.9))
+    backbone_schedule, head_schedule = _lr_lambdas(config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, [backbone_schedule, head_schedule, backbone_schedule, head_schedule])
+    wrapped = (torch.nn.parallel.DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
+               if world > 1 else module)
+
+    out_dir = Path(config.out_dir) / config.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {"step": 0, "history": [], "evals": [], "best_score": -math.inf, "start_uu": None,
+             "lambda_high_from": None, "arc_best": math.inf, "arc_best_step": 0, "train_s": 0.0, "data_s": 0.0}
+    if resume and (out_dir / "last.pt").is_file():
+        saved = load_train_checkpoint(out_dir / "last.pt")
+        if saved["config_hash"] != config.result_hash():
+            raise InputError(f"{out_dir / 'last.pt'} belongs to another config ({saved['config']['name']}, hash "
+                             f"{saved['config_hash']}); resume needs the same config (hash {config.result_hash()})")
+        module.load_state_dict(saved["module"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state.update(saved["state"])
+        log(f"resumed {config.name} at step {state['step']}")
+    elif resume:
+        log(f"no checkpoint in {out_dir}: starting {config.name} from the beginning")
+
+    if len(train_rows) < config.batch_size:
+        raise InputError(f"{len(train_rows)} training faces cannot fill a batch of {config.batch_size}")
+    order = BatchOrder(train_rows, pool.labels, config)
+    held_crops = crops[torch.from_numpy(held_rows).to(device)]
+    held_labels = torch.from_numpy(pool.labels[held_rows]).to(device)
+    log(f"{config.name}: {config.arch}, {len(train_rows)} train faces ({len(classes)} ids), {len(held_rows)} hold-out "
+        f"faces, {config.steps} steps of {config.batch_size} on {world} x {device}; pool decoded in {decode_s:.1f} s")
+
+    def evaluate_and_save() -> None:
+        if rank == 0 and not (state["evals"] and state["evals"][-1]["step"] == state["step"]):
+            metrics = holdout_metrics(module.network, held_crops, held_labels, augment, config, mean_rgb)
+            metrics["step"] = state["step"]
+            state["evals"].append(metrics)
+            if state["start_uu"] is None:
+                state["start_uu"] = metrics["tpr_uu"] if config.init != "scratch" else -math.inf
+            score = (metrics["tpr_um"] + metrics["tpr_mm"]) / 2
+            if metrics["tpr_uu"] >= state["start_uu"] - UU_TOLERANCE and score > state["best_score"]:
+                state["best_score"] = score
+                torch.save(_weights_record(module.network, config, pool, state, metrics), out_dir / "best.pt")
+            log(f"step {state['step']} hold-out TPR@FMR1e-3 uu {metrics['tpr_uu']:.4f} um {metrics['tpr_um']:.4f} "
+                f"mm {metrics['tpr_mm']:.4f}{' (best)' if state['best_score'] == score else ''}")
+            _save_last(out_dir / "last.pt", module, optimizer, scheduler, config, state)
+            (out_dir / "history.json").write_text(json.dumps({"config": config.to_dict(), **_public(state)}, indent=1))
+            plot_history(state, out_dir / "loss_curve.png", config.name)
+        if world > 1:
+            torch.distributed.barrier()
+
+    if state["step"] == 0:
+        evaluate_and_save()
+    from tqdm import tqdm
+
+    bar = tqdm(total=config.steps, initial=state["step"], desc=config.name, disable=not config.progress or rank != 0,
+               mininterval=10)
+    loop_started = time.perf_counter()
+    stopped_by_budget = False
+    while state["step"] < config.steps:
+        step = state["step"]
+        data_started = time.perf_counter()
+        rows = torch.from_numpy(order(step)).to(device)
+        generator = step_generator(config.seed, step, salt=1)
+        choice = augment.draw(len(rows), generator)
+        margin_noise = torch.randn(len(rows), generator=generator)
+        mine = torch.arange(rank, len(rows), world)
+        local_rows, local_choice = rows[mine.to(device)], {k: v[mine] for k, v in choice.items()}
+        flipped = local_choice["flip"].to(device)
+        target = torch.where(flipped[:, None], teacher_flipped[local_rows], teacher[local_rows])
+        labels = row_class[local_rows]
+        if config.stage == "triplet":
+            clean = dict(local_choice, masked=torch.zeros_like(local_choice["masked"]))
+            masked = dict(local_choice, masked=torch.ones_like(local_choice["masked"]))
+            x = torch.cat([student_input(augment.apply(crops[local_rows], c), config.arch, mean_rgb)
+                           for c in (clean, masked)])
+        else:
+            x = student_input(augment.apply(crops[local_rows], local_choice), config.arch, mean_rgb)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        state["data_s"] += time.perf_counter() - data_started
+
+        lam = config.mse_weight if state["lambda_high_from"] is None else config.mse_weight_high
+        with _autocast(config):
+            if config.stage == "triplet":
+                embedding, _, _ = wrapped(x)
+                both_labels = labels.repeat(2)
+                triplet = batch_hard_triplet(embedding, both_labels, config.triplet_margin)
+                half = len(labels)
+                pair = squared_error(F.normalize(embedding[half:].float(), dim=1),
+                                     F.normalize(embedding[:half].float(), dim=1))
+                losses = {"triplet": triplet, "pair_mse": pair}
+                loss = triplet + config.pair_mse_weight * pair
+            else:
+                embedding, logits, regressed = wrapped(x, labels, margin_noise[mine].to(device))
+                losses, loss = {}, torch.zeros((), device=device)
+                if logits is not None:
+                    losses["arc"] = F.cross_entropy(logits.float(), labels)
+                    loss = loss + config.arc_weight * losses["arc"]
+                if lam > 0:
+                    losses["mse"] = squared_error(regressed, target)
+                    loss = loss + lam * losses["mse"]
+                if config.cosine_weight > 0:
+                    losses["cos"] = cosine_distance(regressed, target)
+                    loss = loss + config.cosine_weight * losses["cos"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        state["step"] = step + 1
+        bar.update(1)
+        values = torch.stack([loss.detach().float(), *(v.detach().float() for v in losses.values())])
+        if world > 1:  # the logged losses are those of the whole global batch, as one process would see them
+            torch.distributed.all_reduce(values)
+            values /= world
+        record = dict(zip(["loss", *losses], values.tolist()))
+        record.update(step=state["step"], lam=lam)
+        state["history"].append(record)
+        _update_hard_schedule(state, record, config, log)
+        if state["step"] % config.eval_every == 0 or state["step"] == config.steps:
+            state["train_s"] += time.perf_counter() - loop_started
+            loop_started = time.perf_counter()
+            state["faces_per_s"] = (state["step"] * config.batch_size) / max(state["train_s"], 1e-9)
+            evaluate_and_save()
+            loop_started = time.perf_counter()
+        if (config.time_budget_s is not None and time.perf_counter() - started > config.time_budget_s) or (
+                config.stop_after_steps is not None and state["step"] >= config.stop_after_steps):
+            stop = torch.tensor([1.0], device=device)
+        else:
+            stop = torch.tensor([0.0], device=device)
+        if world > 1:
+            torch.distributed.all_reduce(stop)
+        if stop.item() > 0 and state["step"] < config.steps:
+            state["train_s"] += time.perf_counter() - loop_started
+            stopped_by_budget = True
+            evaluate_and_save()
+            break
+    bar.close()
+    log(f"{config.name}: {'stopped early at' if stopped_by_budget else 'done after'} step "
+        f"{state['step']}; {state.get('faces_per_s', 0):.0f} faces/s; best hold-out score {state['best_score']:.4f}")
+    return out_dir
+
+
+def _update_hard_schedule(state: dict, record: dict, config: TrainConfig, log) -> None:
+    """MaskInv-HG: raise lambda once the classification loss has stopped improving (by 2%) for a while."""
+    if config.mse_schedule != "hard" or state["lambda_high_from"] is not None or "arc" not in record:
+        return
+    smoothed = record["arc"] if state.get("arc_ema") is None else 0.95 * state["arc_ema"] + 0.05 * record["arc"]
+    state["arc_ema"] = smoothed
+    if smoothed < 0.98 * state["arc_best"]:
+        state["arc_best"], state["arc_best_step"] = smoothed, record["step"]
+    elif record["step"] - state["arc_best_step"] >= config.hard_after_steps:
+        state["lambda_high_from"] = record["step"]
+        log(f"step {record['step']}: classification loss stable at {smoothed:.3f}: lambda "
+            f"{config.mse_weight} -> {config.mse_weight_high}")
+
+
+def _public(state: dict) -> dict:
+    return {k: v for k, v in state.items() if k not in ("arc_ema",)}
+
+
+def _weights_record(network: nn.Module, config: TrainConfig, pool: TrainingPool, state: dict, metrics: dict) -> dict:
+    return {"format": CHECKPOINT_FORMAT, "config": config.to_dict(), "config_hash": config.result_hash(),
+            "network": {k: v.detach().float().cpu() for k, v in network.state_dict().items()},
+            "metrics": metrics, "step": state["step"], "pool_meta": json.loads(json.dumps(pool.meta)),
+            "pool_faces": len(pool), "pool_identities": len(pool.identities)}
+
+
+def _save_last(path: Path, module: nn.Module, optimizer, scheduler, config: TrainConfig, state: dict) -> None:
+    record = {"format": CHECKPOINT_FORMAT, "config": config.to_dict(), "config_hash": config.result_hash(),
+              "module": module.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+              "state": json.loads(json.dumps(_public(state) | {"arc_ema": state.get("arc_ema")},
+                                             default=float))}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(record, tmp)
+    os.replace(tmp, path)
+
+
+def plot_history(state: dict, path: Path, title: str) -> None:
+    """Training losses and hold-out TPRs against steps, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    history = state["history"]
+    for key in ("loss", "arc", "mse", "cos", "triplet", "pair_mse"):
+        points = [(h["step"], h[key]) for h in history if key in h]
+        if points:
+            steps, values = zip(*points)
+            left.plot(steps, values, label=key, lw=1)
+    left.set_yscale("log")
+    left.set_xlabel("step")
+    left.set_title(f"{title}: training losses")
+    if left.lines:
+        left.legend(fontsize=7)
+    for key in ("tpr_uu", "tpr_um", "tpr_mm"):
+        points = [(e["step"], e[key]) for e in state["evals"]]
+        if points:
+            steps, values = zip(*points)
+            right.plot(steps, values, marker=".", label=key)
+    right.set_xlabel("step")
+    right.set_title("hold-out TPR at FMR 1e-3")
+    if right.lines:
+        right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
