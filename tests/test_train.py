@@ -1,0 +1,180 @@
+"""Training pipeline on real crops: the pool, a few steps that lower the loss, exact resume, torchrun, bad input."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from edge_mfr.errors import InputError  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_pool(data_dir, tmp_path_factory):
+    """12 celeba_test train identities x 4 faces, aligned, compressed, with teacher templates and 20 mask layers."""
+    pytest.importorskip("face_recognition_models", reason="the teacher layout is read from dlib's file")
+    from edge_mfr.train.data import prepare_pool
+
+    pool = prepare_pool(data_dir, sources=("celeba_test",), max_identities=12, max_per_identity=4, mask_count=20,
+                        progress=False)
+    return pool.save(tmp_path_factory.mktemp("pool") / "pool.npz")
+
+
+def tiny_config(pool_path, out_dir, **changes):
+    from edge_mfr.train.config import TrainConfig
+
+    values = dict(name="tiny", arch="mfn_s", pool=str(pool_path), out_dir=str(out_dir), steps=12, batch_size=16,
+                  lr=2e-3, head_lr=2e-3, warmup_steps=2, eval_every=6, holdout_identity_fraction=0.2, threads=1,
+                  progress=False, arc_weight=1.0, mse_weight=100.0, seed=3)
+    values.update(changes)
+    return TrainConfig(**values)
+
+
+def losses_of(run_dir: Path) -> list[float]:
+    history = json.loads((run_dir / "history.json").read_text())["history"]
+    return [h["loss"] for h in history]
+
+
+def test_pool_holds_aligned_crops_templates_and_mask_layers(tiny_pool):
+    from edge_mfr.train.data import POOL_FORMAT, TrainingPool
+
+    pool = TrainingPool.load(tiny_pool)
+    n = len(pool)
+    assert 44 <= n <= 48 and len(pool.identities) == 12 and pool.has_templates  # a face MTCNN misses is skipped
+    assert pool.meta["train_data"] == [{"name": "celeba_test", "split": "train"}]
+    crops = pool.decode()
+    assert crops.shape == (n, 112, 112, 3) and crops.dtype == np.uint8
+    norms = np.linalg.norm(pool.teacher, axis=1)
+    assert np.all((norms > 1.2) & (norms < 1.8))  # raw dlib descriptors: norm about 1.47
+    unit = pool.teacher / norms[:, None]
+    flipped = pool.teacher_flipped / np.linalg.norm(pool.teacher_flipped, axis=1, keepdims=True)
+    assert np.sum(unit * flipped, axis=1).min() > 0.85  # a face and its mirror image: the same person
+    same = pool.labels[:, None] == pool.labels[None, :]
+    scores = unit @ unit.T
+    assert scores[same & ~np.eye(n, dtype=bool)].mean() > scores[~same].mean() + 0.05
+    assert pool.mask_alpha.shape == (20, 112, 112) and pool.mask_alpha.max() == 255
+    assert set(pool.mask_types[:10]) == {"surgical", "n95", "kn95", "cloth", "nist_a", "nist_b", "nist_c", "nist_d",
+                                         "nist_e", "nist_f"}
+    assert str(np.load(tiny_pool)["format"]) == POOL_FORMAT
+
+
+def test_missing_and_corrupt_training_images_are_skipped_and_counted(data_dir, tmp_path):
+    from edge_mfr.train.data import prepare_pool
+
+    root = tmp_path / "data" / "celeba_test"
+    (root / "images").mkdir(parents=True)
+    lines = [line.split() for line in (data_dir / "celeba_test" / "identities.txt").read_text().splitlines()]
+    real = [parts for parts in lines if parts and parts[2] == "train"][:3]
+    for name, _, _ in real:
+        shutil.copy(data_dir / "celeba_test" / "images" / name, root / "images" / name)
+    (root / "images" / "broken.webp").write_bytes(b"RIFF\x00\x00not an image")
+    listing = [" ".join(parts) for parts in real] + ["broken.webp 1 train", "gone.webp 1 train", "calib.webp 7 calib"]
+    (root / "identities.txt").write_text("\n".join(listing) + "\n")
+    pool = prepare_pool(tmp_path / "data", sources=("celeba_test",), mask_count=2, with_templates=False, progress=False)
+    assert len(pool) == 3
+    skipped = pool.meta["skipped"]
+    assert (skipped["missing"], skipped["unreadable"]) == (1, 1)
+    assert not any("calib" in f for f in pool.files)  # the calib split never enters a training pool
+
+
+def test_evaluation_data_is_refused_as_a_training_source(data_dir):
+    from edge_mfr.train.data import source_items
+
+    for source in ("lfw", "rmfd_sample"):
+        with pytest.raises(InputError, match="not training data"):
+            source_items(data_dir, source)
+
+
+def test_a_few_steps_lower_the_loss_and_resume_exactly(tiny_pool, tmp_path):
+    from edge_mfr.train.trainer import fit, load_train_checkpoint
+
+    full = fit(tiny_config(tiny_pool, tmp_path / "full"), log=lambda _: None)
+    losses = losses_of(full)
+    assert len(losses) == 12
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])
+    best = load_train_checkpoint(full / "best.pt")
+    assert set(best["metrics"]) >= {"tpr_uu", "tpr_um", "tpr_mm"}
+    assert (full / "loss_curve.png").stat().st_size > 1000
+
+    interrupted = tiny_config(tiny_pool, tmp_path / "split", stop_after_steps=5)
+    fit(interrupted, log=lambda _: None)
+    assert len(losses_of(tmp_path / "split" / "tiny")) == 5
+    resumed = fit(dataclasses.replace(interrupted, stop_after_steps=None), resume=True, log=lambda _: None)
+    assert losses_of(resumed) == losses  # bit for bit: model, optimizer, schedule and data order all restored
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(tiny_pool, tmp_path):
+    from edge_mfr.train.trainer import fit
+
+    fit(tiny_config(tiny_pool, tmp_path, steps=2, eval_every=2), log=lambda _: None)
+    with pytest.raises(InputError, match="another config"):
+        fit(tiny_config(tiny_pool, tmp_path, steps=2, eval_every=2, lr=1e-3), resume=True, log=lambda _: None)
+
+
+def test_bad_configs_are_refused_with_clear_errors(tiny_pool, tmp_path):
+    from edge_mfr.train.config import TrainConfig, load_config
+    from edge_mfr.train.trainer import fit
+
+    with pytest.raises(InputError, match="unknown config keys"):
+        TrainConfig.from_dict({"name": "x", "learning_rate": 0.1})
+    config_file = tmp_path / "typo.py"
+    config_file.write_text("from edge_mfr.train.config import TrainConfig\nconfig = TrainConfig(name='t', lamda=3)\n")
+    with pytest.raises(InputError, match="lamda"):
+        load_config(str(config_file))
+    with pytest.raises(InputError, match="128-d"):  # teacher templates are 128-d, the student's 64-d
+        fit(tiny_config(tiny_pool, tmp_path, embedding_size=64), log=lambda _: None)
+    with pytest.raises(InputError, match="96x96 input"):
+        fit(tiny_config(tiny_pool, tmp_path, input_size=96), log=lambda _: None)
+    with pytest.raises(InputError, match="arch must be"):
+        tiny_config(tiny_pool, tmp_path, arch="resnet100")
+
+
+def test_a_student_of_another_size_learns_through_a_dropped_projection(tiny_pool, tmp_path):
+    from edge_mfr.train.trainer import build_network_from_record, fit, load_train_checkpoint
+
+    run = fit(tiny_config(tiny_pool, tmp_path, embedding_size=64, teacher_projection=True, steps=2, eval_every=2),
+              log=lambda _: None)
+    network = build_network_from_record(load_train_checkpoint(run / "best.pt")).eval()
+    with torch.no_grad():
+        assert network(torch.zeros(2, 3, 112, 112)).shape == (2, 64)  # the projection is not part of the model
+
+
+def test_cli_exits_2_on_a_bad_config(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "edge_mfr.train", "fit", "no_such_recipe"], capture_output=True,
+                            text=True, cwd=tmp_path)
+    assert result.returncode == 2 and "no training config" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_torchrun_two_processes_match_one_and_resume(tiny_pool, tmp_path):
+    """DDP (gloo) over 2 processes computes what one process does, up to floating-point order; an interrupted
+    2-process run resumes to the same losses. The teacher-initialised dlib network: it has no batch norm, whose
+    statistics PyTorch syncs across processes on CUDA only."""
+    if shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists():
+        pytest.skip("torchrun is not installed")
+    from edge_mfr.train.trainer import fit
+
+    dlib = dict(arch="dlib_resnet", init="teacher", input_size=150, steps=5, eval_every=5, batch_size=8, lr=1e-5,
+                head_lr=1e-2)
+    single = fit(tiny_config(tiny_pool, tmp_path / "one", **dlib), log=lambda _: None)
+    config_file = tmp_path / "tiny_ddp.py"
+    config = tiny_config(tiny_pool, tmp_path / "two", **dlib)
+    config_file.write_text("from edge_mfr.train.config import TrainConfig\nconfig = TrainConfig.from_dict("
+                           f"{config.to_dict()!r})\n")
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    command = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "edge_mfr.train", "fit", str(config_file)]
+    first = subprocess.run(command + ["stop_after_steps=3"], capture_output=True, text=True, env=env, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = subprocess.run(command + ["--resume"], capture_output=True, text=True, env=env, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    np.testing.assert_allclose(losses_of(tmp_path / "two" / "tiny"), losses_of(single), rtol=2e-4)
