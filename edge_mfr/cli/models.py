@@ -76,7 +76,8 @@ def _list(args) -> int:
     if args.json:
         print(json.dumps({"packages": rows, "errors": broken}, indent=2))
     else:
-        print(f"{'name':28s} {'origin':9s} {'architecture':22s} {'precision':16s} {'size':>8s} {'params':>7s} "
+        print(f"{'name':28s} {'origin':9s} {'architecture':22s} {'fingerprint':12s} {'precision':16s} {'size':>8s} "
+              f"{'params':>7s} "
               f"{'GMACs':>6s} {'input':>7s} {'dim':>4s}  {'LFW U-U':>14s} {'LFW U-M':>14s} {'pairs':>5s}  thresholds")
         for row in rows:
             h, w = row["input_size"]
@@ -84,7 +85,8 @@ def _list(args) -> int:
             gmacs = "-" if row["gmacs"] is None else f"{row['gmacs']:.3f}"
             lfw = [f"{100 * row['lfw'][s]['accuracy']:.2f}% EER {100 * row['lfw'][s]['eer']:.2f}"
                    if s in row["lfw"] else "-" for s in ("uu", "um")]
-            print(f"{row['name']:28s} {row['origin']:9s} {row['architecture']:22s} {row['precision']:16s} "
+            print(f"{row['name']:28s} {row['origin']:9s} {row['architecture']:22s} {row['fingerprint']:12s} "
+                  f"{row['precision']:16s} "
                   f"{row['size_bytes'] / 2**20:6.2f}MB {params:>7s} {gmacs:>6s} {f'{h}x{w}':>7s} "
                   f"{row['embedding_size']:4d}  {lfw[0]:>14s} {lfw[1]:>14s} {row['lfw'].get('pairs', '-'):>5}  "
                   f"{_thresholds_text(row['thresholds'])}")
