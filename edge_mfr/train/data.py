@@ -164,9 +164,24 @@ class TrainingPool:
     def has_templates(self) -> bool:
         return self.teacher.shape[0] == len(self) and len(self) > 0
 
-    def add_teacher_templates(self, device: str = "cpu", batch_size: int = 256) -> None:
-        """Cache the teacher's raw descriptors of every clean crop and of its mirror image (the bundled teacher,
-        checked against the fingerprint the pool was made for)."""
+    @property
+    def has_mirrored_templates(self) -> bool:
+        return self.teacher_flipped.shape[0] == len(self) and len(self) > 0
+
+    def subset(self, rows) -> "TrainingPool":
+        """The pool restricted to `rows` (same identities list, masks and meta; templates kept where present)."""
+        rows = np.asarray(rows)
+        blobs = [self.blobs[self.offsets[r]:self.offsets[r + 1]] for r in rows]
+        offsets = np.concatenate([[0], np.cumsum([len(b) for b in blobs])]).astype(np.int64)
+        pick = (lambda a: a[rows] if a.shape[0] == len(self) else a)
+        meta = dict(self.meta, subset_of_faces=len(self))
+        return TrainingPool(np.concatenate(blobs), offsets, pick(self.teacher), pick(self.teacher_flipped),
+                            self.labels[rows], self.identities, [self.files[r] for r in rows], self.mask_colour,
+                            self.mask_alpha, self.mask_lit, self.mask_types, meta)
+
+    def add_teacher_templates(self, device: str = "cpu", batch_size: int = 256, mirrored: bool = True) -> None:
+        """Cache the teacher's raw descriptors of every clean crop and (`mirrored`) of its mirror image (the
+        bundled teacher, checked against the fingerprint the pool was made for)."""
         import torch
 
         from edge_mfr.models.package import file_sha256
@@ -184,10 +199,12 @@ class TrainingPool:
             for start in range(0, len(self), batch_size):
                 crops = self.decode(range(start, min(len(self), start + batch_size)))
                 clean.append(teacher.embed_crops(crops, batch_size))
-                flipped.append(teacher.embed_crops(mirror_crops(crops), batch_size))
+                if mirrored:
+                    flipped.append(teacher.embed_crops(mirror_crops(crops), batch_size))
         finally:
             torch.backends.cudnn.allow_tf32 = tf32
-        self.teacher, self.teacher_flipped = np.concatenate(clean), np.concatenate(flipped)
+        self.teacher = np.concatenate(clean)
+        self.teacher_flipped = np.concatenate(flipped) if mirrored else np.empty((0, self.teacher.shape[1]), np.float32)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)

@@ -307,9 +307,9 @@ def fit(config: TrainConfig, resume: bool = False, log: Callable[[str], None] = 
     log = log if rank == 0 else (lambda _message: None)
 
     pool = TrainingPool.load(config.pool)
-    if not pool.has_templates:  # computed once on the training device, then cached in the pool file
-        started = time.perf_counter()
-        pool.add_teacher_templates(str(device))
+    if not pool.has_templates or (config.flip and not pool.has_mirrored_templates):
+        started = time.perf_counter()  # computed once on the training device, then cached in the pool file
+        pool.add_teacher_templates(str(device), mirrored=config.flip)
         if rank == 0:
             pool.save(config.pool)
         log(f"teacher templates of {len(pool)} faces (and mirrors) in {time.perf_counter() - started:.1f} s")
@@ -321,7 +321,7 @@ def fit(config: TrainConfig, resume: bool = False, log: Callable[[str], None] = 
     crops = torch.from_numpy(pool.decode()).to(device)
     decode_s = time.perf_counter() - started
     teacher = torch.from_numpy(pool.teacher).to(device)
-    teacher_flipped = torch.from_numpy(pool.teacher_flipped).to(device)
+    teacher_flipped = torch.from_numpy(pool.teacher_flipped if config.flip else pool.teacher).to(device)
     row_class = torch.from_numpy(class_of_row).to(device)
     mean_rgb = pool.meta["teacher_layout"]["mean_rgb"]
     augment = BatchAugment(pool.mask_colour, pool.mask_alpha, pool.mask_lit, config.mask_probability,
