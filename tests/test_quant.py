@@ -79,7 +79,9 @@ def test_int8_package_loads_runs_and_agrees_with_fp32(teacher, quantized, data_d
     assert reloaded.name == "dlib_resnet_v1_int8"
     assert reloaded.fingerprint != teacher.fingerprint
     assert reloaded.input_size == teacher.input_size and reloaded.embedding_size == teacher.embedding_size
-    assert reloaded.thresholds == {}  # fp32 thresholds do not carry over: the package must be recalibrated
+    # fp32 thresholds do not carry over, pair-level or per aggregation and route: the package must be recalibrated
+    assert "thresholds_by_aggregation" in teacher.meta and "thresholds_by_aggregation" not in reloaded.meta
+    assert reloaded.thresholds == {}
     recipe = reloaded.meta["recipe"]["quantization"]
     assert recipe["calibration_manifest"]["sha256"] == manifest.sha256
     assert recipe["calibration_manifest"]["faces_used"] == CALIBRATION_FACES

@@ -243,7 +243,8 @@ def quantize_package(package: ModelPackage, out_dir: str | Path,
             "agreement_on_calibration_faces": agreement,
         }
         meta = {key: value for key, value in package.meta.items()
-                if key not in ("fingerprint", "thresholds", "calibration", "accuracy", "complexity")}
+                if key not in ("fingerprint", "thresholds", "thresholds_by_aggregation", "calibration", "accuracy",
+                               "complexity")}
         # The same network as its source: params and MACs are the fp32 graph's (the QDQ graph's initializers
         # also hold quantization scales and zero points, which are not parameters).
         from ..models.complexity import onnx_complexity
