@@ -65,7 +65,9 @@ def masked_lfw(detectors: dict, lfw_images: Path, paths: list[Path], seed: int) 
     counts = {spec: {"unmasked": 0, **{family: 0 for family in FAMILIES}} for spec in detectors}
     excluded = []
     used = 0
-    for path in paths:
+    for done, path in enumerate(paths):
+        if done % 200 == 0:
+            print(f"masked LFW: {done}/{len(paths)} images", flush=True)
         image = cv2.imread(str(path))
         face = reference.detect_largest(image) or fallback.detect_largest(image)
         if face is None:
@@ -119,6 +121,8 @@ def main() -> int:
     parser.add_argument("--lfw-images", type=int, default=2000, help="fixed-seed subset size, 0 = all")
     parser.add_argument("--pairs", type=int, default=0, help="balanced pair subset, 0 = all 6,000")
     parser.add_argument("--no-verification", action="store_true")
+    parser.add_argument("--verification-only", action="store_true",
+                        help="skip latency and detection rates (to run verification in a separate process)")
     parser.add_argument("--verify-detectors", nargs="+", default=None,
                         help="detectors to run verification for (default: every one in --detectors)")
     parser.add_argument("--latency-frames", type=int, default=40)
@@ -151,14 +155,16 @@ def main() -> int:
         if args.json:
             args.json.write_text(json.dumps(results, indent=2, default=str))
 
-    results["latency"] = {spec: latency(d, frames) for spec, d in detectors.items()}
-    print("latency", json.dumps(results["latency"]), flush=True)
-    results["rmfd"] = {spec: rmfd_rate(d, rmfd) for spec, d in detectors.items()}
-    print("rmfd", json.dumps(results["rmfd"]), flush=True)
-    save()
-    results["masked_lfw"] = masked_lfw(detectors, lfw / "images", subset, args.seed)
-    print("masked_lfw", json.dumps({k: v for k, v in results["masked_lfw"].items() if k != "excluded"}), flush=True)
-    save()
+    if not args.verification_only:
+        results["latency"] = {spec: latency(d, frames) for spec, d in detectors.items()}
+        print("latency", json.dumps(results["latency"]), flush=True)
+        results["rmfd"] = {spec: rmfd_rate(d, rmfd) for spec, d in detectors.items()}
+        print("rmfd", json.dumps(results["rmfd"]), flush=True)
+        save()
+        results["masked_lfw"] = masked_lfw(detectors, lfw / "images", subset, args.seed)
+        print("masked_lfw", json.dumps({k: v for k, v in results["masked_lfw"].items() if k != "excluded"}),
+              flush=True)
+        save()
     if not args.no_verification:
         results["verification"] = {}
         for spec in args.verify_detectors or args.detectors:
@@ -171,6 +177,8 @@ def main() -> int:
     print("\n| detector | rmfd_sample | LFW unmasked | LFW template mask | LFW NIST mask | U-U acc | U-M template "
           "| U-M NIST | FTE pairs | detect p50 / p90 ms (640x480) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
+    if args.verification_only:
+        return 0
     for spec in detectors:
         rm, ml, lat = results["rmfd"][spec], results["masked_lfw"]["rates"][spec], results["latency"][spec]
         ver = results.get("verification", {}).get(spec, {})
