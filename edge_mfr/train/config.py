@@ -86,11 +86,13 @@ class TrainConfig:
     def __post_init__(self):
         checks = [
             (self.arch in ARCHES, f"arch must be one of {ARCHES}, got {self.arch!r}"),
-            (self.init in ("scratch", "teacher", "checkpoint"), f"init must be scratch|teacher|checkpoint, got {self.init!r}"),
+            (self.init in ("scratch", "teacher", "checkpoint"),
+             f"init must be scratch|teacher|checkpoint, got {self.init!r}"),
             (self.init != "teacher" or self.arch == "dlib_resnet", "init='teacher' needs arch='dlib_resnet'"),
             (self.init != "checkpoint" or self.init_checkpoint, "init='checkpoint' needs init_checkpoint"),
             (self.stage in ("classify", "triplet"), f"stage must be classify|triplet, got {self.stage!r}"),
-            (self.stage != "triplet" or self.init == "checkpoint", "stage='triplet' trains on a pre-trained checkpoint"),
+            (self.stage != "triplet" or self.init == "checkpoint",
+             "stage='triplet' trains on a pre-trained checkpoint"),
             (self.sampler in ("random", "pk"), f"sampler must be random|pk, got {self.sampler!r}"),
             (self.mse_schedule in ("fixed", "hard"), f"mse_schedule must be fixed|hard, got {self.mse_schedule!r}"),
             (self.optimizer in ("sgd", "adamw"), f"optimizer must be sgd|adamw, got {self.optimizer!r}"),
@@ -159,6 +161,8 @@ def load_config(name_or_path: str) -> TrainConfig:
     else:
         try:
             module = importlib.import_module(f"edge_mfr.train.configs.{name_or_path}")
+        except TypeError as exc:  # TrainConfig(unknown_key=...)
+            raise InputError(f"config {name_or_path}: {exc}") from None
         except ModuleNotFoundError:
             known = sorted(p.stem for p in (Path(__file__).parent / "configs").glob("[!_]*.py"))
             raise InputError(f"no training config {name_or_path!r}; known: {', '.join(known)}") from None

@@ -5,9 +5,10 @@ precomputed mask layers, in one archive small enough to move to a GPU machine.
 fitted to), warps it to the dlib chip framing at `crop_size` (the teacher's own framing; students use the same
 crops, resized), stores it as WebP, and caches the teacher's raw descriptors of the decoded clean crop and of its
 mirror image, computed from exactly the pixels training will see. Images that are missing, unreadable or without
-a detected face are skipped and counted. A mirrored view is the mirrored crop as it is (no re-alignment):
-its target is the teacher's descriptor of exactly that mirrored crop. Masks are not drawn per face: `mask_layers` paints a few hundred masks
-(all types, colours, textures, placement jitter) once, and training composites them per batch.
+a detected face are skipped and counted. A mirrored view is the mirrored crop as it is (no re-alignment): its
+target is the teacher's descriptor of exactly that mirrored crop. Masks are not drawn per face: `mask_layers`
+paints a few hundred masks (all types, colours, textures, placement jitter) once, and training composites them
+per batch.
 """
 from __future__ import annotations
 
@@ -173,7 +174,10 @@ class TrainingPool:
         rows = np.asarray(rows)
         blobs = [self.blobs[self.offsets[r]:self.offsets[r + 1]] for r in rows]
         offsets = np.concatenate([[0], np.cumsum([len(b) for b in blobs])]).astype(np.int64)
-        pick = (lambda a: a[rows] if a.shape[0] == len(self) else a)
+
+        def pick(array):
+            return array[rows] if array.shape[0] == len(self) else array
+
         meta = dict(self.meta, subset_of_faces=len(self))
         return TrainingPool(np.concatenate(blobs), offsets, pick(self.teacher), pick(self.teacher_flipped),
                             self.labels[rows], self.identities, [self.files[r] for r in rows], self.mask_colour,
@@ -242,7 +246,8 @@ class TrainingPool:
 
 
 def prepare_pool(data_dir: str | Path, sources=("celeba299", "celeba_test"), crop_size: int = 112,
-                 max_per_identity: int | None = None, max_identities: int | None = None, mask_count: int = 600, seed: int = 0, threads: int = 1,
+                 max_per_identity: int | None = None, max_identities: int | None = None, mask_count: int = 600,
+                 seed: int = 0, threads: int = 1,
                  with_templates: bool = True, progress: bool = True) -> TrainingPool:
     """Detect, align, compress and embed every training image of `sources`; see the module docstring."""
     from tqdm import tqdm

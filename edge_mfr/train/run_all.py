@@ -25,25 +25,32 @@ RUN_OVERHEAD_S = 6.0  # pool decode, evaluations and checkpoints of one run
 
 
 def steps_for_budget(config, budget_s: float, out_dir: Path, log, probe_steps: int = PROBE_STEPS) -> int:
+    # A stage-2 run is probed as its stage-1 network (the frozen part dominates its cost).
+    stage_one = {"init": "scratch", "init_checkpoint": None, "stage": "classify", "sampler": "random",
+                 "arc_weight": 1.0}
     probe = dataclasses.replace(config, name=f"probe_{config.arch}", steps=probe_steps, eval_every=10**9,
                                 out_dir=str(out_dir / "probes"), time_budget_s=None, progress=False,
-                                **({"init": "scratch", "init_checkpoint": None, "stage": "classify", "sampler": "random",
-                                    "arc_weight": 1.0} if config.stage == "triplet" else {}))
+                                **(stage_one if config.stage == "triplet" else {}))
     fit(probe, log=log)
     history = json.loads((out_dir / "probes" / probe.name / "history.json").read_text())
     rate = history["step"] / max(history["train_s"], 1e-6)
     steps = max(probe_steps, int((budget_s - RUN_OVERHEAD_S) * rate))
-    log(f"{config.arch}: {rate:.1f} steps/s ({rate * config.batch_size:.0f} faces/s) -> {steps} steps in {budget_s:.0f} s")
+    log(f"{config.arch}: {rate:.1f} steps/s ({rate * config.batch_size:.0f} faces/s) -> {steps} steps in "
+        f"{budget_s:.0f} s")
     return steps
+
+
+def _teacher_state(layout: dict) -> dict:
+    from edge_mfr.train.teacher import load_onnx_weights, network_from_layout
+
+    teacher = network_from_layout(layout)
+    load_onnx_weights(teacher, teacher_onnx_path())
+    return teacher.state_dict()
 
 
 def teacher_delta(record: dict) -> dict:
     """best.pt of a teacher-initialised run with its weights as float16 differences from the teacher."""
-    from edge_mfr.train.teacher import load_onnx_weights, network_from_layout
-
-    teacher = network_from_layout(record["pool_meta"]["teacher_layout"])
-    load_onnx_weights(teacher, teacher_onnx_path())
-    base = teacher.state_dict()
+    base = _teacher_state(record["pool_meta"]["teacher_layout"])
     packed = dict(record)
     packed["network_delta_fp16"] = {k: (v - base[k]).half() for k, v in record["network"].items()}
     del packed["network"]
@@ -52,11 +59,7 @@ def teacher_delta(record: dict) -> dict:
 
 def undelta(packed: dict) -> dict:
     """Inverse of `teacher_delta`: a best.pt record with float32 weights."""
-    from edge_mfr.train.teacher import load_onnx_weights, network_from_layout
-
-    teacher = network_from_layout(packed["pool_meta"]["teacher_layout"])
-    load_onnx_weights(teacher, teacher_onnx_path())
-    base = teacher.state_dict()
+    base = _teacher_state(packed["pool_meta"]["teacher_layout"])
     record = dict(packed)
     record["network"] = {k: base[k] + v.float() for k, v in packed["network_delta_fp16"].items()}
     del record["network_delta_fp16"]
@@ -92,7 +95,8 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     for name in args.configs:
         config = load_config(name).with_overrides([f"pool={args.pool}", f"device={args.device}",
-                                                   f"amp={str(args.amp).lower()}", f"out_dir={runs}", "progress=false", *args.set])
+                                                   f"amp={str(args.amp).lower()}", f"out_dir={runs}",
+                                                   "progress=false", *args.set])
         budget = budgets[config.arch] / (3 if config.stage == "triplet" else 1)
         key = f"{config.arch}/{config.stage}"
         try:

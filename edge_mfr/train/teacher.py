@@ -14,8 +14,13 @@ import torch
 from torch.nn import functional as F
 
 from edge_mfr.errors import ModelPackageError
-from edge_mfr.models.dlib_format import (AffineWeights, ConvWeights, DlibFaceResNetWeights, PoolSpec,
-                                         ResidualUnitWeights)
+from edge_mfr.models.dlib_format import (
+    AffineWeights,
+    ConvWeights,
+    DlibFaceResNetWeights,
+    PoolSpec,
+    ResidualUnitWeights,
+)
 from edge_mfr.models.dlib_resnet import DlibFaceResNet
 
 TEACHER_INPUT = 150
@@ -84,7 +89,8 @@ def load_onnx_weights(network: torch.nn.Module, onnx_path: str | Path) -> None:
     for name, tensor in state.items():
         value = torch.from_numpy(numpy_helper.to_array(initializers[name]).copy())
         if value.shape != tensor.shape:
-            raise ModelPackageError(f"{onnx_path}: {name} is {tuple(value.shape)}, the layout says {tuple(tensor.shape)}")
+            raise ModelPackageError(f"{onnx_path}: {name} is {tuple(value.shape)}, "
+                                    f"the layout says {tuple(tensor.shape)}")
         state[name] = value
     network.load_state_dict(state)
 

@@ -244,8 +244,8 @@ class BatchOrder:
         if self.config.sampler == "pk":
             rng = np.random.default_rng([self.config.seed, step, 2])
             chosen = rng.choice(len(self.by_identity), b // PK_FACES, replace=False)
-            return np.concatenate([rng.choice(self.by_identity[i], PK_FACES, replace=len(self.by_identity[i]) < PK_FACES)
-                                   for i in chosen])
+            return np.concatenate([rng.choice(self.by_identity[i], PK_FACES,
+                                              replace=len(self.by_identity[i]) < PK_FACES) for i in chosen])
         position = step * b
         epoch, offset = divmod(position, self.per_epoch)
         order = np.random.default_rng([self.config.seed, epoch, 1]).permutation(len(self.rows))[:self.per_epoch]
@@ -333,8 +333,8 @@ def fit(config: TrainConfig, resume: bool = False, log: Callable[[str], None] = 
     projection = None
     if regresses and _embedding_width(network) != teacher_dim:
         if not config.teacher_projection:
-            raise InputError(f"the teacher's templates are {teacher_dim}-d, the student's {_embedding_width(network)}-d: "
-                             "set embedding_size to match or teacher_projection=true")
+            raise InputError(f"the teacher's templates are {teacher_dim}-d, the student's "
+                             f"{_embedding_width(network)}-d: set embedding_size to match or teacher_projection=true")
         projection = nn.Linear(_embedding_width(network), teacher_dim, bias=False)
     head = (ElasticArcHead(_embedding_width(network), len(classes), config.arc_scale, config.arc_margin,
                            config.arc_margin_std) if config.arc_weight > 0 else None)

@@ -1,18 +1,9 @@
 """MaskInv-LG: ElasticFace-Arc + fixed lambda x MSE to the teacher's clean template, p=0.5."""
 from edge_mfr.train.config import TrainConfig
+from edge_mfr.train.configs._families import DLIB_FROM_TEACHER
 
-config = TrainConfig(
-    name='dlib_maskinv_lg',
-    arch='dlib_resnet',
-    init='teacher',
-    input_size=150,
-    steps=3000,
-    batch_size=256,
-    lr=1e-05,
-    head_lr=0.01,
-    head_warmup_steps=300,
-    warmup_steps=100,
-    weight_decay=0.0,
-    eval_every=250,
-    mse_weight=100.0,
-)
+config = TrainConfig(**{
+    **DLIB_FROM_TEACHER,
+    "name": "dlib_maskinv_lg",
+    "mse_weight": 100.0,
+})

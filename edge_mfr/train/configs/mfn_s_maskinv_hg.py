@@ -1,20 +1,12 @@
 """MaskInv-HG for mfn_s: lambda raised once the classification loss is stable."""
 from edge_mfr.train.config import TrainConfig
+from edge_mfr.train.configs._families import MFN_S_FROM_SCRATCH
 
-config = TrainConfig(
-    name='mfn_s_maskinv_hg',
-    arch='mfn_s',
-    init='scratch',
-    input_size=112,
-    steps=6000,
-    batch_size=256,
-    lr=0.002,
-    head_lr=0.002,
-    warmup_steps=200,
-    weight_decay=0.0005,
-    eval_every=500,
-    mse_weight=100.0,
-    mse_schedule='hard',
-    mse_weight_high=3000.0,
-    hard_after_steps=500,
-)
+config = TrainConfig(**{
+    **MFN_S_FROM_SCRATCH,
+    "name": "mfn_s_maskinv_hg",
+    "mse_weight": 100.0,
+    "mse_schedule": "hard",
+    "mse_weight_high": 3000.0,
+    "hard_after_steps": 500,
+})
