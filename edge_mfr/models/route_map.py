@@ -72,7 +72,8 @@ def route_pairs(packages: list[ModelPackage], data_dir, faces: int = 4000, seed:
 
 
 def fit_ridge(masked: np.ndarray, clean: np.ndarray, alpha: float = DEFAULT_ALPHA) -> tuple[np.ndarray, np.ndarray]:
-    """W, b minimising |masked @ W.T + b - clean|^2 + alpha |W - I|^2 (shrunk towards leaving embeddings as they are)."""
+    """W, b minimising |masked @ W.T + b - clean|^2 + alpha n |W - I|^2: shrunk towards leaving embeddings as they
+    are, not towards zero."""
     x = np.asarray(masked, np.float64)
     y = np.asarray(clean, np.float64)
     x_mean, y_mean = x.mean(0), y.mean(0)
