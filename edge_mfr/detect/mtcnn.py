@@ -263,3 +263,22 @@ class MTCNNDetector:
         boxes = _regress(boxes, offsets)
         keep = nms(boxes, scores, 0.7, mode="min")
         return boxes[keep].astype(np.float64), scores[keep], landmarks[keep].astype(np.float64)
+
+
+def onet_landmarks(image_bgr: np.ndarray, boxes: np.ndarray, threads: int | None = 1) -> np.ndarray:
+    """Five landmarks (K, 5, 2) from O-Net alone on the squared `boxes` (K, 4) of another detector.
+
+    O-Net's points are the convention the bundled teacher's alignment template was fitted to; on masked
+    faces other detectors guess the covered nose and mouth corners elsewhere (docs/detectors.md)."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    if not len(boxes):
+        return np.empty((0, 5, 2))
+    rgb = cv2.cvtColor(as_bgr_uint8(image_bgr), cv2.COLOR_BGR2RGB)
+    squares = np.round(_square(boxes))
+    session = _session("onet", threads)
+    outputs = [session.run(None, {session.get_inputs()[0].name:
+                                  _to_network_input(_crops(rgb, squares[start : start + CROP_BATCH], ONET_SIZE))})
+               for start in range(0, len(squares), CROP_BATCH)]
+    points = np.concatenate([out[1] for out in outputs])
+    sides = np.stack([squares[:, 2] - squares[:, 0], squares[:, 3] - squares[:, 1]], axis=1)
+    return squares[:, None, :2] + np.stack([points[:, :5], points[:, 5:]], axis=2) * sides[:, None, :]

@@ -26,7 +26,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edge_mfr.detect.base import Detection, as_bgr_uint8
-from edge_mfr.detect.mtcnn import nms
+from edge_mfr.detect.mtcnn import nms, onet_landmarks
 from edge_mfr.errors import InputError, ModelPackageError
 
 MODEL_PATH = Path(__file__).resolve().parent / "models" / "yunet_2026may.onnx"
@@ -78,13 +78,16 @@ class YuNetDetector:
     min_face_fraction: faces whose box's shorter side is below this fraction of the frame's shorter side
         are dropped (unlock frames show one near face; 0 keeps all).
     top_k: at most this many faces are returned (highest scores).
+    landmarks: "yunet" (YuNet's own points) or "onet": MTCNN's O-Net run on each YuNet box gives the points,
+        in the convention the bundled teacher's template was fitted to (docs/detectors.md: on masked faces
+        YuNet's own nose and mouth points sit elsewhere, and U-M accuracy drops).
     threads: ONNX Runtime intra-op threads (None = ORT default, all cores).
     """
 
     def __init__(self, score_threshold: float = 0.5, nms_threshold: float = 0.3, max_side: int | None = 640,
                  upscale_to: int | None = 512,
                  min_face_size: float | None = None, large_face_pass: bool = True, min_face_fraction: float = 0.0,
-                 top_k: int = 50, threads: int | None = 1):
+                 top_k: int = 50, threads: int | None = 1, landmarks: str = "yunet"):
         if not 0.0 <= score_threshold <= 1.0:
             raise InputError(f"score_threshold must be in [0, 1], got {score_threshold}")
         if not 0.0 < nms_threshold <= 1.0:
@@ -101,6 +104,9 @@ class YuNetDetector:
             raise InputError(f"top_k must be >= 1, got {top_k}")
         if threads is not None and threads < 1:
             raise InputError(f"threads must be >= 1 or None, got {threads}")
+        if landmarks not in ("yunet", "onet"):
+            raise InputError(f"landmarks must be 'yunet' or 'onet', got {landmarks!r}")
+        self.landmarks = landmarks
         self.score_threshold = float(score_threshold)
         self.nms_threshold = float(nms_threshold)
         self.max_side = max_side
@@ -118,7 +124,7 @@ class YuNetDetector:
         return {"score_threshold": self.score_threshold, "nms_threshold": self.nms_threshold,
                 "max_side": self.max_side, "upscale_to": self.upscale_to, "min_face_size": self.min_face_size,
                 "large_face_pass": self.large_face_pass, "min_face_fraction": self.min_face_fraction,
-                "top_k": self.top_k}
+                "top_k": self.top_k, "landmarks": self.landmarks}
 
     def detect(self, image_bgr: np.ndarray) -> list[Detection]:
         """All faces in the image, highest score first (see as_bgr_uint8 for accepted inputs)."""
@@ -146,7 +152,8 @@ class YuNetDetector:
         if not len(boxes):
             return []
         keep = nms(boxes, scores, self.nms_threshold)[: self.top_k]
-        return [Detection(box=boxes[i], score=float(scores[i]), landmarks=landmarks[i]) for i in keep]
+        points = landmarks[keep] if self.landmarks == "yunet" else onet_landmarks(image, boxes[keep], self.threads)
+        return [Detection(box=boxes[i], score=float(scores[i]), landmarks=p) for i, p in zip(keep, points)]
 
     def detect_largest(self, image_bgr: np.ndarray) -> Detection | None:
         """The face with the largest box (the person closest to the camera), or None."""
