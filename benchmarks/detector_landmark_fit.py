@@ -8,6 +8,10 @@ own landmarks. Measured: every mean offset is within about 1 px of the 112 px fr
 is 3-5 px, so YuNet's points follow MTCNN's convention and need no correction before the shared template.
 
     OMP_NUM_THREADS=1 python benchmarks/detector_landmark_fit.py --images 400
+
+With --masked-lfw N it also measures, on the masked probes of the first N of a balanced 1,000-pair LFW subset
+(template masks, the evaluation suite's seed, drawn at YuNet's points), the distance of YuNet's points and of
+O-Net's points on YuNet's box (`yunet-onet`) from MTCNN's, in eye distances.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from edge_mfr.align import ARCFACE_TEMPLATE_112, umeyama_reference  # noqa: E402
-from edge_mfr.detect import MTCNNDetector, YuNetDetector  # noqa: E402
+from edge_mfr.detect import MTCNNDetector, YuNetDetector, get_detector  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -34,6 +38,7 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--images", type=int, default=400)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--masked-lfw", type=int, default=0)
     args = parser.parse_args()
     paths = sorted((args.data / "celeba299" / "images").glob("*.jpg"))
     picked = np.random.default_rng(args.seed).choice(len(paths), min(args.images, len(paths)), replace=False)
@@ -55,7 +60,39 @@ def main() -> int:
     print(f"{len(deltas)} faces found by both; offsets MTCNN - YuNet in the 112 px frame (mean, std):")
     for name, m, s in zip(("left_eye", "right_eye", "nose", "mouth_left", "mouth_right"), mean, spread):
         print(f"  {name:12s} dx {m[0]:+6.2f} (sd {s[0]:.2f})  dy {m[1]:+6.2f} (sd {s[1]:.2f})")
+    if args.masked_lfw:
+        masked_lfw(args.data / "lfw", args.masked_lfw, reference)
     return 0
+
+
+def masked_lfw(lfw: Path, count: int, reference) -> None:
+    from edge_mfr.eval.pairs import read_pairs
+    from edge_mfr.eval.runner import FaceLocator, MaskPolicy
+    from edge_mfr.unlock import unlock_detector
+
+    pairs = read_pairs(lfw / "pairs.txt", lfw / "images", limit=1000)
+    probes = sorted({(p.second, p.second_key) for p in pairs.pairs})[:count]
+    yunet, onet = unlock_detector("yunet"), unlock_detector("yunet-onet")
+    locator, policy = FaceLocator(detector=yunet, face="centre"), MaskPolicy("template", 0)
+    errors = {"yunet": [], "yunet-onet": []}
+    for path, key in probes:
+        image = cv2.imread(str(path))
+        landmarks, _ = locator.locate(image, path)
+        if landmarks is None:
+            continue
+        masked = policy.apply(image, landmarks, key)
+        truth = reference.detect_largest(masked)
+        if truth is None:
+            continue
+        eye = np.linalg.norm(truth.landmarks[1] - truth.landmarks[0])
+        for name, detector in (("yunet", yunet), ("yunet-onet", onet)):
+            found = detector.detect_largest(masked)
+            if found is not None:
+                errors[name].append(np.linalg.norm(found.landmarks - truth.landmarks, axis=1) / eye)
+    for name, values in errors.items():
+        values = np.asarray(values)
+        print(f"masked LFW, {name} vs MTCNN, {len(values)} faces: mean distance per point / eye distance "
+              f"{np.round(values.mean(0), 3).tolist()}, median over all points {np.median(values):.3f}")
 
 
 if __name__ == "__main__":

@@ -269,7 +269,7 @@ def onet_landmarks(image_bgr: np.ndarray, boxes: np.ndarray, threads: int | None
     """Five landmarks (K, 5, 2) from O-Net alone on the squared `boxes` (K, 4) of another detector.
 
     O-Net's points are the convention the bundled teacher's alignment template was fitted to; on masked
-    faces other detectors guess the covered nose and mouth corners elsewhere (docs/detectors.md)."""
+    faces other detectors place the points differently (docs/detectors.md)."""
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     if not len(boxes):
         return np.empty((0, 5, 2))
