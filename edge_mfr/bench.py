@@ -168,9 +168,7 @@ class EdgePipeline:
 
     def describe(self) -> dict:
         detector = self.unlock.detector
-        config = detector.config() if hasattr(detector, "config") else {
-            k: getattr(detector, k) for k in ("min_face_size", "min_face_fraction", "thresholds", "scale_factor",
-                                              "max_side")}
+        config = detector.config() if hasattr(detector, "config") else {"type": type(detector).__name__}
         return {"kind": self.kind, "model": self.package.name, "model_fingerprint": self.package.fingerprint,
                 "backend": self.backend_name, "detector": self.detector_name, "detector_config": config,
                 "detector_fingerprint": detector_fingerprint(self.detector_name), "threads": self.threads,

@@ -172,6 +172,10 @@ class MTCNNDetector:
         self._rnet = _session("rnet", threads)
         self._onet = _session("onet", threads)
 
+    def config(self) -> dict:
+        return {"min_face_size": self.min_face_size, "min_face_fraction": self.min_face_fraction,
+                "thresholds": list(self.thresholds), "scale_factor": self.scale_factor, "max_side": self.max_side}
+
     def detect(self, image_bgr: np.ndarray) -> list[Detection]:
         """All faces in the image, highest score first (see as_bgr_uint8 for accepted inputs)."""
         image = as_bgr_uint8(image_bgr)
