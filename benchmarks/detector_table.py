@@ -91,13 +91,15 @@ def masked_lfw(detectors: dict, lfw_images: Path, paths: list[Path], seed: int) 
             "counts": counts, "largest_is_the_face": largest_counts}
 
 
-def verification(detector, pairs_file: Path, images: Path, limit: int, seed: int, cache: Path) -> dict:
+def verification(detector, pairs_file: Path, images: Path, limit: int, seed: int, cache: Path,
+                 landmarks: str = "masked", families=FAMILIES) -> dict:
     pair_set = read_pairs(pairs_file, images, limit=limit or None)
     package = default_model()
-    out = {"pairs": len(pair_set.pairs), "model": package.name}
-    for family in FAMILIES:
+    out = {"pairs": len(pair_set.pairs), "model": package.name, "landmarks": landmarks}
+    for family in families:
         report = evaluate_pairs(pair_set, [package], scenarios=("uu", "um"), mask_family=family, seed=seed,
-                                detector=detector, cache_dir=cache, threads=1, n_resamples=200, progress=False)
+                                detector=detector, cache_dir=cache, threads=1, n_resamples=200, progress=False,
+                                landmarks=landmarks)
         for result in report["results"]:
             scenario = "uu" if result["scenario"] == "uu" else f"um_{family}"
             metrics = result["metrics"] or {}
@@ -133,6 +135,9 @@ def main() -> int:
     parser.add_argument("--pairs", type=int, default=0, help="balanced pair subset, 0 = all 6,000")
     parser.add_argument("--no-verification", action="store_true")
     parser.add_argument("--latency-only", action="store_true")
+    parser.add_argument("--landmarks", choices=("masked", "unmasked"), default="masked",
+                        help="verification: detect afresh on masked probes (deployed) or reuse the unmasked landmarks")
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
     parser.add_argument("--verification-only", action="store_true",
                         help="skip latency and detection rates (to run verification in a separate process)")
     parser.add_argument("--verify-detectors", nargs="+", default=None,
@@ -187,7 +192,7 @@ def main() -> int:
         for spec in args.verify_detectors or args.detectors:
             results["verification"][spec] = verification(detectors[spec] if spec in detectors else build(spec),
                                                          lfw / "pairs.txt", lfw / "images", args.pairs, args.seed,
-                                                         args.cache)
+                                                         args.cache, args.landmarks, args.families)
             print("verification", spec, json.dumps(results["verification"][spec]), flush=True)
             save()
 
