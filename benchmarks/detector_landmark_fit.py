@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from edge_mfr.align import ARCFACE_TEMPLATE_112, umeyama_reference  # noqa: E402
-from edge_mfr.detect import MTCNNDetector, YuNetDetector, get_detector  # noqa: E402
+from edge_mfr.detect import MTCNNDetector, YuNetDetector  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
