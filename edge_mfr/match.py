@@ -41,7 +41,17 @@ def rank_users(probe: np.ndarray, row_users: list[str], templates: np.ndarray, m
         raise InputError("one user name per template row is required")
     if len(templates) == 0:
         return []
+    if method not in AGGREGATIONS:
+        raise InputError(f"aggregation must be one of {AGGREGATIONS}, got {method!r}")
     scores = cosine_scores(probe, templates)
-    names = np.asarray(row_users)
-    ranked = [Candidate(user, aggregate(scores[names == user], method)) for user in dict.fromkeys(row_users)]
+    # One pass over the templates, grouped by user (a per-user mask would cost users x templates).
+    users, first_row, group = np.unique(np.asarray(row_users), return_index=True, return_inverse=True)
+    if method == "max":
+        order = np.argsort(group, kind="stable")
+        starts = np.searchsorted(group[order], np.arange(len(users)))
+        per_user = np.maximum.reduceat(scores[order], starts)
+    else:
+        per_user = np.bincount(group, weights=scores) / np.bincount(group)
+    by_appearance = np.argsort(first_row)  # ties keep the order users first appear in
+    ranked = [Candidate(str(users[i]), float(per_user[i])) for i in by_appearance]
     return sorted(ranked, key=lambda c: c.score, reverse=True)
