@@ -31,6 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     prepare.add_argument("--no-templates", action="store_true",
                          help="leave the teacher's templates to the first training run (on its device)")
 
+    subset = commands.add_parser("subset", help="a smaller pool: at most N faces per identity (seeded draw)")
+    subset.add_argument("pool")
+    subset.add_argument("--per-identity", type=int, required=True)
+    subset.add_argument("--seed", type=int, default=0)
+    subset.add_argument("--out", required=True)
+
     fit = commands.add_parser("fit", help="train one config")
     fit.add_argument("config", help="config name (edge_mfr/train/configs/NAME.py) or path to a .py")
     fit.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config fields to override")
@@ -63,6 +69,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {path}: {len(pool)} faces of {len(pool.identities)} identities, "
                   f"{pool.blobs.nbytes / 2**20:.1f} MiB of crops; skipped {skipped['missing']} missing, "
                   f"{skipped['unreadable']} unreadable, {skipped['no_face']} without a detected face")
+        elif args.command == "subset":
+            import numpy as np
+
+            from edge_mfr.train.data import TrainingPool
+
+            pool = TrainingPool.load(args.pool)
+            rng = np.random.default_rng(args.seed)
+            rows = np.concatenate([np.sort(rng.permutation(np.flatnonzero(pool.labels == label))[:args.per_identity])
+                                   for label in np.unique(pool.labels)])
+            path = pool.subset(rows).save(args.out)
+            print(f"wrote {path}: {len(rows)} of {len(pool)} faces")
         elif args.command == "fit":
             from edge_mfr.train.config import load_config
             from edge_mfr.train.trainer import fit as run

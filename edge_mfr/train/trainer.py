@@ -484,6 +484,8 @@ def fit(config: TrainConfig, resume: bool = False, log: Callable[[str], None] = 
             evaluate_and_save()
             break
     bar.close()
+    if rank == 0 and state["step"] == config.steps:  # the network at the end of its schedule, next to the selected one
+        torch.save(_weights_record(module.network, config, pool, state, state["evals"][-1]), out_dir / "final.pt")
     log(f"{config.name}: {'stopped early at' if stopped_by_budget else 'done after'} step "
         f"{state['step']}; {state.get('faces_per_s', 0):.0f} faces/s; best hold-out score {state['best_score']:.4f}")
     return out_dir
