@@ -84,15 +84,21 @@ def save_checkpoint(model, path: str | Path, recipe: dict[str, Any], licence: st
     return path
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a student checkpoint dict, checking the keys the rebuild needs."""
+def read_checkpoint_file(path: str | Path, error=ModelPackageError) -> Any:
+    """torch.load of a checkpoint (tensors and plain types only), with one clear error for a missing or damaged file."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"checkpoint {path} does not exist")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises pickle, zip and runtime errors for damaged files
-        raise ModelPackageError(f"cannot read checkpoint {path}: {exc}") from exc
+        raise error(f"cannot read checkpoint {path}: {exc}") from None
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a student checkpoint dict, checking the keys the rebuild needs."""
+    path = Path(path)
+    checkpoint = read_checkpoint_file(path)
     missing = [k for k in ("arch", "embedding_size", "activation", "state_dict") if not (
         isinstance(checkpoint, dict) and k in checkpoint)]
     if missing:

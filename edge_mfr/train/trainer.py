@@ -150,13 +150,9 @@ def build_network_from_record(record: dict) -> nn.Module:
 
 
 def load_train_checkpoint(path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"checkpoint {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises pickle, zip and runtime errors for damaged files
-        raise InputError(f"cannot read checkpoint {path}: {exc}") from None
+    from edge_mfr.models.export import read_checkpoint_file
+
+    state = read_checkpoint_file(path, error=InputError)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise InputError(f"{path} is not an edge-mfr training checkpoint")
     return state
