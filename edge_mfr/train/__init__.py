@@ -1,8 +1,10 @@
-"""Student training: MaskInv-style distillation of the dlib teacher into MobileFaceNet students.
+"""Training mask-invariant face embedders: the teacher's own network fine-tuned, or MobileFaceNet students,
+with the MaskInv recipes and their ablations (docs/training.md).
 
-    python -m edge_mfr.train prepare --out runs/pool/celeba299_glint24.npz   # align + teacher targets
-    python -m edge_mfr.train fit mfn_s_maskinv [key=value ...]               # train one config
-    edge-mfr models export runs/train/mfn_s_maskinv/best.pt --out mfn_s.onnx
+    python -m edge_mfr.train prepare --out runs/pool_celeba.npz          # align, compress, mask layers
+    python -m edge_mfr.train fit dlib_maskinv_lg [key=value ...]           # train one config (--resume)
+    python -m edge_mfr.train export runs/train/dlib_maskinv_lg/best.pt --out model.onnx
+    python -m edge_mfr.train route-map --model dlib_resnet_v1 --out routed.onnx --name routed
 
-Training data: celeba299 and glint24 only; LFW is never read here.
+Training data: celeba299, glint24 and celeba_test split train only; LFW and celeba_test calib are never read here.
 """

@@ -400,7 +400,7 @@ def fit(config: TrainConfig, resume: bool = False, log: Callable[[str], None] = 
     bar = tqdm(total=config.steps, initial=state["step"], desc=config.name, disable=not config.progress or rank != 0,
                mininterval=10)
     loop_started = time.perf_counter()
-    stopped_by_budget = False
+    stopped_early = False
     while state["step"] < config.steps:
         step = state["step"]
         data_started = time.perf_counter()
@@ -476,13 +476,13 @@ def fit(config: TrainConfig, resume: bool = False, log: Callable[[str], None] = 
             torch.distributed.all_reduce(stop)
         if stop.item() > 0 and state["step"] < config.steps:
             state["train_s"] += time.perf_counter() - loop_started
-            stopped_by_budget = True
+            stopped_early = True
             evaluate_and_save()
             break
     bar.close()
     if rank == 0 and state["step"] == config.steps:  # the network at the end of its schedule, next to the selected one
         torch.save(_weights_record(module.network, config, pool, state, state["evals"][-1]), out_dir / "final.pt")
-    log(f"{config.name}: {'stopped early at' if stopped_by_budget else 'done after'} step "
+    log(f"{config.name}: {'stopped early at' if stopped_early else 'done after'} step "
         f"{state['step']}; {state.get('faces_per_s', 0):.0f} faces/s; best hold-out score {state['best_score']:.4f}")
     return out_dir
 
