@@ -38,7 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edge_mfr.models.complexity import ort_cpu_session  # noqa: E402
+from edge_mfr.models.complexity import interleaved_run_times, ort_cpu_session  # noqa: E402
 from edge_mfr.models.package import load_package  # noqa: E402
 from edge_mfr.quant.gate import held_out_agreement, held_out_faces  # noqa: E402
 from edge_mfr.quant.manifest import default_data_root, load_manifest  # noqa: E402
@@ -69,27 +69,11 @@ def cpu_features() -> dict:
 def time_sessions(sessions: dict, batch: np.ndarray, repeats: int, warmup: int = 3) -> dict[str, dict]:
     """Per session: median and min wall ms per face and median calling-thread CPU ms per face, the sessions
     interleaved run by run so load from other processes falls on all of them alike."""
-    import time
-
-    feeds = {name: {session.get_inputs()[0].name: batch} for name, session in sessions.items()}
-    for name, session in sessions.items():
-        for _ in range(warmup):
-            session.run(None, feeds[name])
-    wall: dict[str, list[float]] = {name: [] for name in sessions}
-    cpu: dict[str, list[float]] = {name: [] for name in sessions}
-    names = list(sessions)
-    for round_index in range(repeats):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
-            start_wall, start_cpu = time.perf_counter(), time.thread_time()
-            sessions[name].run(None, feeds[name])
-            cpu[name].append(time.thread_time() - start_cpu)
-            wall[name].append(time.perf_counter() - start_wall)
     faces = len(batch)
-    return {name: {"wall_ms_per_face": float(np.median(wall[name])) * 1e3 / faces,
-                   "min_wall_ms_per_face": float(np.min(wall[name])) * 1e3 / faces,
-                   "cpu_ms_per_face": float(np.median(cpu[name])) * 1e3 / faces, "runs": repeats}
-            for name in sessions}
+    return {name: {"wall_ms_per_face": float(np.median(wall)) * 1e3 / faces,
+                   "min_wall_ms_per_face": float(np.min(wall)) * 1e3 / faces,
+                   "cpu_ms_per_face": float(np.median(cpu)) * 1e3 / faces, "runs": repeats}
+            for name, (wall, cpu) in interleaved_run_times(sessions, batch, repeats, warmup).items()}
 
 
 def load_average() -> str:

@@ -229,26 +229,35 @@ def ort_cpu_session(onnx_path: str | Path, threads: int):
     return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
 
 
-def time_ort_sessions(sessions: dict[str, Any], batch, threads: int, repeats: int,
-                      warmup: int = 3) -> dict[str, Latency]:
-    """Time several sessions on the same batch, interleaved run by run (rotating the order each round),
-    so load from other processes on a shared machine falls on all of them alike."""
+def interleaved_run_times(sessions: dict[str, Any], batch, repeats: int,
+                          warmup: int = 3) -> dict[str, tuple[list[float], list[float]]]:
+    """Run several sessions on the same batch, interleaved run by run (rotating the order each round), so load
+    from other processes on a shared machine falls on all of them alike. Per session: (wall seconds, calling-
+    thread CPU seconds) of each run."""
     import time
-
-    import numpy as np
 
     feeds = {name: {session.get_inputs()[0].name: batch} for name, session in sessions.items()}
     for name, session in sessions.items():
         for _ in range(warmup):
             session.run(None, feeds[name])
-    times: dict[str, list[float]] = {name: [] for name in sessions}
+    times: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in sessions}
     names = list(sessions)
     for round_index in range(repeats):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
+            start_wall, start_cpu = time.perf_counter(), time.thread_time()
             sessions[name].run(None, feeds[name])
-            times[name].append(time.perf_counter() - start)
+            times[name][1].append(time.thread_time() - start_cpu)
+            times[name][0].append(time.perf_counter() - start_wall)
+    return times
+
+
+def time_ort_sessions(sessions: dict[str, Any], batch, threads: int, repeats: int,
+                      warmup: int = 3) -> dict[str, Latency]:
+    """Wall-clock latency per face of several sessions timed by `interleaved_run_times`."""
+    import numpy as np
+
     faces = len(batch)
-    return {name: Latency(faces, threads, float(np.median(t)) * 1e3 / faces, float(np.min(t)) * 1e3 / faces,
-                          len(t)) for name, t in times.items()}
+    times = interleaved_run_times(sessions, batch, repeats, warmup)
+    return {name: Latency(faces, threads, float(np.median(wall)) * 1e3 / faces, float(np.min(wall)) * 1e3 / faces,
+                          len(wall)) for name, (wall, _) in times.items()}
