@@ -49,9 +49,9 @@ class FaceEmbedder:
     def embed_batch(self, batch: np.ndarray, route: str = "unmasked") -> np.ndarray:
         """Preprocessed faces -> (N, D) L2-normalised embeddings; masked faces go through the package's
         masked-route map where it has one (ModelPackage.route_map)."""
-        embeddings = self.backend.embed(batch)
         if route not in ROUTES:
             raise InputError(f"route must be one of {ROUTES}, got {route!r}")
+        embeddings = self.backend.embed(batch)
         mapping = self.package.route_map(route)
         if mapping is None:
             return embeddings

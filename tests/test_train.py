@@ -178,3 +178,23 @@ def test_torchrun_two_processes_match_one_and_resume(tiny_pool, tmp_path):
     second = subprocess.run(command + ["--resume"], capture_output=True, text=True, env=env, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
     np.testing.assert_allclose(losses_of(tmp_path / "two" / "tiny"), losses_of(single), rtol=2e-4)
+
+
+def test_a_packed_teacher_delta_reads_back_as_the_network(tiny_pool, tmp_path):
+    """run_all packs teacher-initialised networks as float16 differences from the teacher; reading one back gives
+    the trained weights to float16 precision of the difference."""
+    from edge_mfr.train.data import TrainingPool
+    from edge_mfr.train.teacher import bundled_teacher_network, teacher_delta
+    from edge_mfr.train.trainer import CHECKPOINT_FORMAT, load_train_checkpoint
+
+    meta = TrainingPool.load(tiny_pool).meta
+    trained = bundled_teacher_network(meta["teacher_layout"], meta["teacher_fingerprint"]).state_dict()
+    rng = torch.Generator().manual_seed(0)
+    trained = {k: v + 1e-3 * torch.randn(v.shape, generator=rng) for k, v in trained.items()}
+    config = tiny_config(tiny_pool, tmp_path, arch="dlib_resnet", init="teacher", input_size=150).to_dict()
+    record = {"format": CHECKPOINT_FORMAT, "config": config, "network": trained, "pool_meta": meta}
+    torch.save(teacher_delta(record), tmp_path / "packed.pt")
+    restored = load_train_checkpoint(tmp_path / "packed.pt")
+    assert "network_delta_fp16" not in restored
+    for name, value in trained.items():
+        torch.testing.assert_close(restored["network"][name], value, atol=2e-6, rtol=0)

@@ -21,15 +21,12 @@ import cv2
 import numpy as np
 
 from edge_mfr.errors import InputError
+from edge_mfr.models.teacher import DLIB_CHIP_TEMPLATE_150
 
 POOL_FORMAT = "edge-mfr-train-pool/2"
 # Folder -> split of identities.txt allowed for training (None: the whole folder). LFW is evaluation data, and
 # celeba_test's `calib` split is for thresholds and model selection: neither is ever here.
 TRAINING_SOURCES: dict[str, str | None] = {"celeba299": None, "glint24": None, "celeba_test": "train"}
-# Where our five landmarks sit in the dlib 150x150 chip (edge_mfr.models.teacher.DLIB_CHIP_TEMPLATE_150),
-# repeated here so the GPU side needs no teacher import.
-DLIB_CHIP_TEMPLATE_150 = np.array([[47.0310, 45.9658], [100.1600, 45.8562], [73.2721, 76.9079],
-                                   [49.3558, 101.9932], [97.8055, 101.9062]])
 WEBP_QUALITY = 85  # 112 px chips: ~1.8 kB each, teacher cosine to the uncompressed chip 0.998 (mean)
 
 
@@ -188,14 +185,10 @@ class TrainingPool:
         bundled teacher, checked against the fingerprint the pool was made for)."""
         import torch
 
-        from edge_mfr.models.package import file_sha256
-        from edge_mfr.train.teacher import TeacherNet
-        from edge_mfr.train.trainer import teacher_onnx_path
+        from edge_mfr.train.teacher import TeacherNet, bundled_teacher_network
 
-        onnx_path = teacher_onnx_path()
-        if file_sha256(onnx_path) != self.meta["teacher_fingerprint"]:
-            raise InputError(f"{onnx_path} is not the teacher this pool was prepared for")
-        teacher = TeacherNet.from_onnx(onnx_path, self.meta["teacher_layout"], self.meta["teacher_fingerprint"], device)
+        layout = self.meta["teacher_layout"]
+        teacher = TeacherNet(bundled_teacher_network(layout, self.meta["teacher_fingerprint"]), layout, device)
         clean, flipped = [], []
         tf32 = torch.backends.cudnn.allow_tf32
         torch.backends.cudnn.allow_tf32 = False  # templates in full float32 on any device

