@@ -276,7 +276,7 @@ def resolve_package(model, backend: str):
             return load_package(candidate)
     raise BackendUnavailableError(
         f"backend ort-int8 needs an INT8 package of {package.name!r}; none at {', '.join(map(str, candidates))}. "
-        f"Make one with `edge-mfr quantize --model {package.name} -o DIR`, then pass --model DIR/{stem}_int8.onnx")
+        f"Make one with `edge-mfr quantize {package.onnx_path} -o DIR`, then pass --model DIR/{stem}_int8.onnx")
 
 
 def detector_fingerprint(name: str) -> str:

@@ -1,5 +1,6 @@
 """edge-mfr bench on real photos: frame sources, consistent numbers, several pipelines, bad input, interrupts."""
 import json
+import shutil
 
 import cv2
 import numpy as np
@@ -9,6 +10,7 @@ from edge_mfr import bench
 from edge_mfr.cli import main
 from edge_mfr.cli.demo import DEMO_DIR
 from edge_mfr.errors import BackendUnavailableError, InputError
+from edge_mfr.models.package import BUNDLED_DIR, default_model
 
 QUICK = ["--iterations", "3", "--warmup", "1", "--batch-sizes", "1", "2"]
 
@@ -97,7 +99,7 @@ def test_unknown_detector_or_backend_lists_the_available_ones(capsys):
     assert "ort, ort-int8, tensorrt" in capsys.readouterr().err
 
 
-def test_backend_not_available_here_is_skipped_with_the_reason(demo_frames, capsys):
+def test_backend_not_available_here_is_skipped_with_the_reason(demo_frames, tmp_path, capsys):
     if bench.available_backends()["tensorrt"] == "available":
         pytest.skip("TensorRT is installed here")
     config = bench.BenchConfig(backends=["ort", "tensorrt"], iterations=1, warmup=0, batch_sizes=())
@@ -105,10 +107,24 @@ def test_backend_not_available_here_is_skipped_with_the_reason(demo_frames, caps
     result = bench.run_bench(demo_frames, config, log=messages.append)
     assert [row["backend"] for row in result["pipelines"]] == ["ort"]
     assert result["unavailable"][0]["backend"] == "tensorrt" and "backends available here: ort" in messages[0]
+    # A model with no INT8 package beside it nor among the bundled ones: ort-int8 cannot run it.
+    teacher = default_model()
+    for suffix in (".onnx", ".json"):
+        shutil.copyfile(teacher.onnx_path.with_suffix(suffix), tmp_path / f"teacher_copy{suffix}")
+    model = str(tmp_path / "teacher_copy.onnx")
     with pytest.raises(BackendUnavailableError, match="none of the requested pipelines"):
-        bench.run_bench(demo_frames, bench.BenchConfig(backends=["ort-int8"], iterations=1), log=lambda m: None)
-    assert main(["bench", "--backend", "ort-int8", *QUICK]) == 2
+        bench.run_bench(demo_frames, bench.BenchConfig(models=[model], backends=["ort-int8"], iterations=1),
+                        log=lambda m: None)
+    assert main(["bench", "--model", model, "--backend", "ort-int8", *QUICK]) == 2
     assert "edge-mfr quantize" in capsys.readouterr().err
+
+
+def test_bundled_int8_package_is_the_default_ort_int8_backend():
+    """The INT8 teacher ships calibrated, so `edge-mfr bench --backend ort-int8` runs out of the box."""
+    package = bench.resolve_package(None, "ort-int8")
+    assert package.name == "dlib_resnet_v1_int8" and package.onnx_path.parent == BUNDLED_DIR
+    assert bench.available_backends()["ort-int8"] == "available"
+    assert default_model().name == "dlib_resnet_v1"  # the FP32 teacher stays the default model
 
 
 def test_cli_writes_table_json_and_plot(tmp_path, capsys):

@@ -47,6 +47,39 @@ def test_bundled_teacher_loads_with_calibrated_thresholds():
     assert package.threshold_for(1e-4) > package.threshold_for(1e-3)
 
 
+def test_bundled_int8_teacher_is_calibrated_and_agrees_with_fp32_on_a_real_face():
+    """The shipped INT8 teacher: a bundled package, derived from the FP32 teacher, with its own thresholds for
+    both probe routes, and the same embedding as the FP32 teacher on a real demo photo."""
+    import cv2
+
+    from edge_mfr.cli.demo import DEMO_DIR
+    from edge_mfr.detect import get_detector
+    from edge_mfr.embed import FaceEmbedder
+
+    teacher = default_model()
+    int8 = load_package("dlib_resnet_v1_int8")  # bundled name; checks sidecar, fingerprint and graph shapes
+    assert teacher.name == "dlib_resnet_v1" and int8.name in {p.name for p in bundled_models()}
+    assert int8.fingerprint != teacher.fingerprint and int8.input_size == teacher.input_size
+    assert int8.meta["recipe"]["quantization"]["source"]["fingerprint"] == teacher.fingerprint
+    assert int8.meta["recipe"]["quantization"]["gate"]["passed"]
+    licence = int8.meta["licence"]  # the teacher's terms, and where the graph came from
+    assert licence.startswith(teacher.meta["licence"]) and "derived from package dlib_resnet_v1" in licence
+    assert int8.meta["calibration"]["model_fingerprint"] == int8.fingerprint  # calibrated on itself, not inherited
+    for aggregation in ("max", "mean"):
+        for route in ("unmasked", "masked", "all"):
+            strict, default, loose = (int8.threshold_for(fmr, aggregation, route) for fmr in (1e-5, 1e-4, 1e-3))
+            assert 0 < loose < default < strict < 1
+    assert int8.threshold_for(1e-4) == int8.threshold_for(1e-4, "max", "all")
+    assert int8.threshold_for(1e-4, "max", "all") >= int8.threshold_for(1e-4, "max", "unmasked")
+
+    photo = cv2.imread(str(DEMO_DIR / "person_a_1.jpg"))
+    face = get_detector().detect_largest(photo)
+    fp32_embedding = FaceEmbedder(teacher, threads=1).embed_faces(photo, face.landmarks[None])
+    int8_embedding = FaceEmbedder(int8, threads=1).embed_faces(photo, face.landmarks[None])
+    cosine = float(np.sum(fp32_embedding * int8_embedding))
+    assert cosine > 0.99, f"INT8 embedding of a real face disagrees with FP32: cosine {cosine:.5f}"
+
+
 def test_save_and_load_round_trip(tmp_path):
     _tiny_graph(tmp_path / "tiny.onnx", ["N", 3, 112, 112])
     saved = save_package(tmp_path / "tiny.onnx", META)

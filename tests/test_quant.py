@@ -88,6 +88,8 @@ def test_int8_package_loads_runs_and_agrees_with_fp32(teacher, quantized, data_d
     assert recipe["calibration_manifest"]["masked_used"] == sum(
         e.mask_type is not None for e in manifest.entries[:CALIBRATION_FACES])
     assert recipe["source"]["fingerprint"] == teacher.fingerprint
+    assert reloaded.meta["licence"].startswith(teacher.meta["licence"])  # the source's terms, and its origin
+    assert f"derived from package {teacher.name} ({teacher.fingerprint[:12]})" in reloaded.meta["licence"]
     assert (recipe["format"], recipe["per_channel"], recipe["reduce_range"]) == ("QDQ", True, True)
 
     faces = held_out_faces(data_dir, teacher)
@@ -123,8 +125,9 @@ def test_models_list_shows_size_complexity_precision_and_recorded_accuracy(quant
     _, package = quantized
     code, out, _ = run_cli(["models", "list", "--json", "--dir", str(package.onnx_path.parent)], capsys)
     assert code == 0
-    rows = {row["name"]: row for row in json.loads(out)["packages"]}
-    int8, fp32 = rows["dlib_resnet_v1_int8"], rows["dlib_resnet_v1"]
+    # the bundled INT8 teacher has the same name: take the one from --dir
+    rows = {(row["origin"], row["name"]): row for row in json.loads(out)["packages"]}
+    int8, fp32 = rows["dir", "dlib_resnet_v1_int8"], rows["bundled", "dlib_resnet_v1"]
     assert int8["precision"] == "int8 QDQ (ort)" and fp32["precision"] == "fp32"
     assert int8["size_bytes"] == package.onnx_path.stat().st_size < fp32["size_bytes"] / 3
     assert int8["params"] == fp32["params"] > 0 and int8["gmacs"] == fp32["gmacs"] > 0

@@ -252,6 +252,10 @@ def quantize_package(package: ModelPackage, out_dir: str | Path,
         counts = onnx_complexity(package.onnx_path)
         meta.update(name=name, recipe=recipe, thresholds={}, calibration={},
                     complexity={"params": counts.params, "macs": counts.macs, "counted_on": "fp32 source graph"})
+        if package.meta.get("licence"):
+            # A quantized graph is a derivative of its source: the source's terms, and where it came from.
+            meta["licence"] = (f"{package.meta['licence']}; this INT8 graph is derived from package "
+                               f"{package.name} ({package.fingerprint[:12]}) by edge-mfr quantize, same terms")
         candidate = save_package(quantized, meta)
 
         if gate is not None:
