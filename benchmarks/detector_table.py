@@ -56,8 +56,14 @@ def build(spec: str):
 
 
 def rmfd_rate(detector, paths) -> dict:
-    found = [path.name for path in paths if detector.detect(cv2.imread(str(path)))]
-    return {"images": len(paths), "found": len(found), "rate": len(found) / len(paths)}
+    """Photos with a face found, and with a face the unlock could use (side >= UNLOCK_MIN_FACE)."""
+    found = usable = 0
+    for path in paths:
+        faces = detector.detect(cv2.imread(str(path)))
+        found += bool(faces)
+        usable += any(min(face.width, face.height) >= UNLOCK_MIN_FACE for face in faces)
+    return {"images": len(paths), "found": found, "rate": found / len(paths),
+            "found_usable": usable, "usable_rate": usable / len(paths)}
 
 
 def masked_lfw(detectors: dict, lfw_images: Path, paths: list[Path], seed: int) -> dict:

@@ -202,6 +202,18 @@ def test_detectors_agree_on_landmarks_of_real_faces(lfw_images):
         assert iou(found.box, expected.box) > 0.6
 
 
+def test_yunet_onet_marks_the_points_mtcnn_marks(lfw_images):
+    """yunet-onet: MTCNN's R-Net and O-Net tighten YuNet's box and O-Net marks the points, so they land on
+    MTCNN's own points (the teacher template's convention) closer than YuNet's do."""
+    reference, yunet, remarked = MTCNNDetector(), get_detector("yunet"), get_detector("yunet-onet")
+    for image in lfw_images:
+        expected = reference.detect_largest(image)
+        eye_distance = np.linalg.norm(expected.landmarks[1] - expected.landmarks[0])
+        errors = [np.linalg.norm(d.detect_largest(image).landmarks - expected.landmarks, axis=1).mean() / eye_distance
+                  for d in (yunet, remarked)]
+        assert errors[1] < 0.06 and errors[1] < errors[0], errors
+
+
 def test_yunet_finds_a_face_too_large_for_its_training_range(lfw_images):
     """A close-up face of ~700 px is found by the half-scale pass, mapped back to the caller's pixels."""
     big = cv2.resize(lfw_images[0], (1200, 1200), interpolation=cv2.INTER_CUBIC)
@@ -287,3 +299,30 @@ def test_face_unlock_takes_a_detector_by_name_or_uses_the_default(model_package)
     assert FaceUnlock(model=model_package, detector="mtcnn-fast").detector.registry_name == "mtcnn-fast"
     with pytest.raises(InputError, match="available detectors"):
         FaceUnlock(model=model_package, detector="nope")
+
+
+def test_yunet_unlock_setting_falls_back_to_a_full_pass_only_without_a_usable_face(lfw_images, monkeypatch):
+    """Cascade: a 640x480 frame with a usable face costs one shrunk pass; a frame whose only face is smaller
+    than min_face_size gets a second pass at the full scale, which finds it (the quality gate then refuses
+    it as too small, instead of the unlock seeing no face)."""
+    from edge_mfr.bench import fit_frame
+
+    scales = []
+    real_pass = YuNetDetector._pass
+    monkeypatch.setattr(YuNetDetector, "_pass", lambda self, image, scale: scales.append(scale) or real_pass(
+        self, image, scale))
+    near = fit_frame(lfw_images[1], (640, 480))
+    face = YuNetDetector(min_face_size=48).detect_largest(near)
+    assert face is not None and min(face.width, face.height) >= 48 and scales == [0.5]
+
+    far = np.zeros((480, 640, 3), np.uint8)
+    far[200:260, 300:360] = cv2.resize(lfw_images[1], (60, 60), interpolation=cv2.INTER_AREA)  # a ~25 px face
+    scales.clear()
+    shrunk_only = YuNetDetector(min_face_size=48, fallback_pass=False).detect(far)
+    assert scales == [0.5]
+    assert all(min(f.width, f.height) < 48 for f in shrunk_only)
+    scales.clear()
+    found = YuNetDetector(min_face_size=48).detect_largest(far)
+    assert scales == [0.5, 1.0]
+    assert found is not None and 300 <= found.box[0] < found.box[2] <= 360 and 200 <= found.box[1] < found.box[3] <= 262
+    assert min(found.width, found.height) < 48

@@ -178,14 +178,15 @@ def test_face_rule_picks_the_centred_subject_over_a_larger_background_face(lfw_d
 
 
 def test_masked_images_are_detected_afresh_and_misses_get_the_fallback(lfw_dir, model_package, masks_module):
-    """Roseanne_Barr_0001 with a surgical mask: the detector no longer finds the face (a real miss)."""
-    keys = ["Roseanne_Barr/Roseanne_Barr_0001", "Zico/Zico_0001", "Zico/Zico_0002"]
+    """Sourav_Ganguly_0001 with a template-family mask: the detector no longer finds the face (a real miss:
+    among the masked probes of LFW's 6,000 pairs the default detector misses 1 with template masks)."""
+    keys = ["Sourav_Ganguly/Sourav_Ganguly_0001", "Zico/Zico_0001", "Zico/Zico_0002"]
     images = [(lfw_dir / "images" / f"{key}.jpg", key) for key in keys]
-    unmasked = EmbeddingExtractor([model_package], mask_family="surgical", face="centre", progress=False)
+    unmasked = EmbeddingExtractor([model_package], mask_family="template", face="centre", progress=False)
     plain = unmasked.extract(images, masked=False)
     assert plain.status == [DETECTED] * 3 and not plain.misses.any()
 
-    afresh = EmbeddingExtractor([model_package], mask_family="surgical", face="centre", progress=False)
+    afresh = EmbeddingExtractor([model_package], mask_family="template", face="centre", progress=False)
     masked = afresh.extract(images, masked=True)
     assert masked.status[0] == "masked_no_face" and masked.status[1:] == [DETECTED] * 2
     assert np.isnan(masked.embeddings[0][0]).all() and np.isfinite(masked.fallback[0][0]).all()
@@ -195,7 +196,7 @@ def test_masked_images_are_detected_afresh_and_misses_get_the_fallback(lfw_dir, 
     shift = np.abs(masked.landmarks[1:] - plain.landmarks[1:]).max()
     assert 0 < shift < 0.05
 
-    kept = EmbeddingExtractor([model_package], mask_family="surgical", face="centre", landmarks="unmasked",
+    kept = EmbeddingExtractor([model_package], mask_family="template", face="centre", landmarks="unmasked",
                               progress=False).extract(images, masked=True)
     assert kept.status == [DETECTED] * 3
     np.testing.assert_array_equal(kept.landmarks, plain.landmarks)

