@@ -19,7 +19,7 @@ from edge_mfr.detect.mtcnn import MTCNNDetector
 from edge_mfr.detect.yunet import YuNetDetector
 from edge_mfr.errors import InputError
 
-DEFAULT_DETECTOR = "yunet"
+DEFAULT_DETECTOR = "yunet-onet"
 
 # name -> (factory, preset keyword arguments, one-line description)
 _REGISTRY: dict[str, tuple[Callable, dict, str]] = {
