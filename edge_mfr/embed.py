@@ -6,10 +6,10 @@ import numpy as np
 
 from . import align
 from .errors import BackendUnavailableError, InputError
+from .match import ROUTES
 from .models.package import ModelPackage, default_model, load_package
 
 BACKENDS = ("ort", "tensorrt")
-ROUTES = ("unmasked", "masked")
 
 
 def make_backend(package: ModelPackage, backend: str = "ort", threads: int | None = None):

@@ -83,6 +83,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from edge_mfr.atomic import write_atomically
 from edge_mfr.errors import GalleryError, InputError
+from edge_mfr.match import route_rows
 
 MAGIC = b"EMFRGAL"
 FORMAT_VERSION = 1
@@ -375,17 +376,20 @@ class Gallery:
             "templates": copy.deepcopy(record.template_info),
         }
 
-    def templates(self, name: str) -> np.ndarray:
-        """(T, D) float32 copy of one user's templates."""
-        return self._user(name)[1].templates.copy()
+    def templates(self, name: str, route: str | None = None) -> np.ndarray:
+        """(T, D) float32 copy of one user's templates; with a probe `route`, those `match.route_rows`
+        scores such a probe against."""
+        return _route_templates(self._user(name)[1], route).copy()
 
-    def all_templates(self) -> tuple[list[str], np.ndarray]:
-        """(owner name per row, (M, D) float32 templates of every user), for matching."""
+    def all_templates(self, route: str | None = None) -> tuple[list[str], np.ndarray]:
+        """(owner name per row, (M, D) float32 templates of every user), for matching; `route` as in
+        `templates`."""
         names: list[str] = []
         blocks = []
         for name, record in self._state.users.items():
-            names.extend([name] * len(record.templates))
-            blocks.append(record.templates)
+            rows = _route_templates(record, route)
+            names.extend([name] * len(rows))
+            blocks.append(rows)
         if not blocks:
             return names, np.zeros((0, self._state.embedding_size or 0), dtype=np.float32)
         return names, np.concatenate(blocks)
@@ -612,6 +616,12 @@ def _validate_name(name: str) -> str:
     if not name.isprintable():
         raise InputError(f"user name {name!r} contains non-printable characters")
     return name
+
+
+def _route_templates(record: _UserRecord, route: str | None) -> np.ndarray:
+    if route is None:
+        return record.templates
+    return record.templates[route_rows([info["masked"] for info in record.template_info], route)]
 
 
 def _template_matrix(templates: np.ndarray) -> np.ndarray:

@@ -17,7 +17,7 @@ from .detect import DEFAULT_DETECTOR, Detection, get_detector
 from .embed import FaceEmbedder
 from .errors import GalleryError, InputError, QualityError
 from .gallery import Gallery, RollbackCounter
-from .match import AGGREGATIONS, Candidate, aggregate, cosine_scores, rank_users
+from .match import AGGREGATIONS, ROUTES, Candidate, aggregate, cosine_scores, rank_users
 from .models.package import ModelPackage
 from .quality import QualityPolicy, QualityReport, assess
 
@@ -279,20 +279,26 @@ class FaceUnlock:
                             cap.source, cap.faces_found, cap.quality.to_dict(), latency_ms=_with_total(cap.latency_ms))
         return None
 
+    @staticmethod
+    def route_of(cap: Capture) -> str:
+        """The probe's route: masked when the quality gate judges the face masked."""
+        return "masked" if cap.quality.masked else "unmasked"
+
     def threshold_for(self, cap: Capture) -> float:
-        """The threshold of the probe's route: masked when the quality gate judges the face masked."""
-        return self.thresholds["masked" if cap.quality.masked else "unmasked"]
+        """The threshold of the probe's route."""
+        return self.thresholds[self.route_of(cap)]
 
     def verify(self, user: str, frame: np.ndarray, source: str = "frame") -> Decision:
-        """1:1: does the largest face in `frame` belong to `user`?"""
+        """1:1: does the largest face in `frame` belong to `user`? The probe is scored against the user's
+        templates of its route (`match.route_rows`)."""
         gallery = self.gallery()
-        templates = gallery.templates(user)
+        by_route = {route: gallery.templates(user, route) for route in ROUTES}  # unknown user: error before capture
         cap = self.capture(frame, self.verify_policy, source)
         refusal = self._refusal(cap, user)
         if refusal:
             return refusal
         start = time.perf_counter()
-        score = aggregate(cosine_scores(cap.embedding, templates), self.aggregation)
+        score = aggregate(cosine_scores(cap.embedding, by_route[self.route_of(cap)]), self.aggregation)
         latency = dict(cap.latency_ms, match=(time.perf_counter() - start) * 1e3)
         threshold = self.threshold_for(cap)
         accepted = score >= threshold
@@ -308,11 +314,11 @@ class FaceUnlock:
         `candidates_on_rejection` (default: the instance's setting, off) asks for them.
         """
         gallery = self.gallery()
-        names, templates = gallery.all_templates()
         cap = self.capture(frame, self.verify_policy, source)
         refusal = self._refusal(cap, None)
         if refusal:
             return refusal
+        names, templates = gallery.all_templates(self.route_of(cap))
         start = time.perf_counter()
         ranked = rank_users(cap.embedding, names, templates, self.aggregation)
         latency = dict(cap.latency_ms, match=(time.perf_counter() - start) * 1e3)

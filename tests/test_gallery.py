@@ -78,6 +78,23 @@ def test_round_trip(tmp_path):
     assert stat.S_IMODE(os.stat(gallery.path).st_mode) == 0o600
 
 
+def test_templates_of_a_probe_route(tmp_path):
+    """An unmasked probe's route selects the unmasked templates; a user with masked ones only keeps them."""
+    gallery = make_gallery(tmp_path)
+    alice, carol = unit_rows(1, 3), unit_rows(2, 2)
+    gallery.add_user("alice", alice, [{"masked": False}, {"masked": True, "synthetic": True}, {"masked": False}])
+    gallery.add_user("carol", carol, [{"masked": True}, {"masked": True}])
+    reopened = open_gallery(gallery.path)
+    np.testing.assert_array_equal(reopened.templates("alice", "unmasked"), alice[[0, 2]])
+    np.testing.assert_array_equal(reopened.templates("alice", "masked"), alice)
+    np.testing.assert_array_equal(reopened.templates("carol", "unmasked"), carol)
+    names, matrix = reopened.all_templates("unmasked")
+    assert names == ["alice", "alice", "carol", "carol"]
+    np.testing.assert_array_equal(matrix, np.concatenate([alice[[0, 2]], carol]))
+    with pytest.raises(InputError, match="route"):
+        reopened.templates("alice", "sideways")
+
+
 def test_empty_gallery(tmp_path):
     gallery = open_gallery(make_gallery(tmp_path).path)
     assert gallery.users() == []

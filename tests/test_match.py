@@ -29,3 +29,14 @@ def test_rank_users_refuses_bad_input():
     with pytest.raises(InputError, match="one user name per template"):
         rank_users(np.ones(4, np.float32) / 2, ["a", "b"], np.ones((1, 4), np.float32) / 2)
     assert rank_users(np.ones(4, np.float32) / 2, [], np.empty((0, 4), np.float32)) == []
+
+
+def test_route_rows_keep_unmasked_templates_for_unmasked_probes():
+    from edge_mfr.match import route_rows
+
+    flags = np.array([False, True, True, False])
+    np.testing.assert_array_equal(route_rows(flags, "unmasked"), [True, False, False, True])
+    np.testing.assert_array_equal(route_rows(flags, "masked"), [True, True, True, True])
+    np.testing.assert_array_equal(route_rows(np.array([True, True]), "unmasked"), [True, True])  # nothing else
+    with pytest.raises(InputError, match="route"):
+        route_rows(flags, "sideways")

@@ -84,6 +84,24 @@ def test_genuine_unlocks_masked_genuine_outranks_every_impostor_and_others_are_r
     assert set(unmasked.latency_ms) >= {"detect", "quality", "align", "embed", "match", "total"}
 
 
+def test_a_probe_is_scored_against_the_templates_of_its_route(enrolled):
+    """An unmasked probe meets alice's unmasked templates only, a masked one all of them (match.route_rows)."""
+    import numpy as np
+
+    unlock, _, _ = enrolled
+    gallery = unlock.gallery()
+    masked_flags = np.array([t["masked"] for t in gallery.user_info("alice")["templates"]])
+    everything = gallery.templates("alice")
+    probe = load_image(sorted(DEMO.glob("person_a_*.jpg"))[-1])
+    for picture, route in ((probe, "unmasked"), (_masked(probe, 5, "surgical"), "masked")):
+        cap = unlock.capture(picture, unlock.verify_policy)
+        assert unlock.route_of(cap) == route
+        rows = everything if route == "masked" else everything[~masked_flags]
+        decision = unlock.verify("alice", picture)
+        assert decision.score == pytest.approx(float(np.max(rows @ cap.embedding)), abs=1e-6)
+    assert masked_flags.any() and not masked_flags.all()
+
+
 def test_identify_names_the_enrolled_person_and_nobody_else(enrolled):
     unlock, _, _ = enrolled
     probe = load_image(sorted(DEMO.glob("person_a_*.jpg"))[-1])

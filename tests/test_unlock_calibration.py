@@ -15,7 +15,8 @@ def _unit(v):
 
 
 def test_attempt_scores_aggregate_each_identity_over_its_templates():
-    templates = {"a": np.stack([_unit([1, 0, 0]), _unit([0, 1, 0])]), "b": np.stack([_unit([0, 0, 1])])}
+    templates = {"a": (np.stack([_unit([1, 0, 0]), _unit([0, 1, 0])]), np.array([False, False])),
+                 "b": (np.stack([_unit([0, 0, 1])]), np.array([False]))}
     probes = [("a", _unit([1, 1, 0]), "unmasked"), ("b", _unit([0, 1, 1]), "masked")]
     genuine, impostor = attempt_scores(templates, probes, "max")
     half = 1 / np.sqrt(2)
@@ -24,6 +25,18 @@ def test_attempt_scores_aggregate_each_identity_over_its_templates():
     genuine_mean, impostor_mean = attempt_scores(templates, probes, "mean")
     np.testing.assert_allclose(sorted(impostor_mean), [0.0, half / 2], atol=1e-6)
     assert len(genuine) == 2 and len(impostor) == 2  # one attempt per (probe, other identity)
+
+
+def test_attempt_scores_score_an_unmasked_probe_against_the_unmasked_templates_only():
+    """As FaceUnlock does (match.route_rows): a's masked template would win for an unmasked probe."""
+    templates = {"a": (np.stack([_unit([1, 0, 0]), _unit([0, 1, 0])]), np.array([False, True])),
+                 "b": (np.stack([_unit([0, 1, 0])]), np.array([True]))}  # b has masked templates only
+    probe = _unit([0.2, 1, 0])
+    genuine, impostor = attempt_scores(templates, [("a", probe, "unmasked"), ("b", probe, "unmasked")], "max")
+    np.testing.assert_allclose(sorted(genuine), sorted([probe[0], probe[1]]), rtol=1e-6)  # a: unmasked row only
+    np.testing.assert_allclose(sorted(impostor), sorted([probe[1], probe[0]]), rtol=1e-6)  # b keeps its masked row
+    genuine_masked, _ = attempt_scores(templates, [("a", probe, "masked")], "max")
+    np.testing.assert_allclose(genuine_masked, [probe[1]], rtol=1e-6)  # a masked probe meets every template
 
 
 def test_unlock_calibration_on_real_faces_writes_per_aggregation_thresholds(tmp_path, data_dir):

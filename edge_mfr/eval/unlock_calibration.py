@@ -9,9 +9,10 @@ exactly as `FaceUnlock.enroll` does, the rest are probes (each unmasked and with
 mask), and every probe attempts every identity. The FMR is counted per attempt.
 
 `FaceUnlock` applies a separate threshold to probes its quality gate judges masked, because masked
-probes meet masked templates and score higher against impostors too. Calibration routes each probe by
-that same mask estimate (not by whether a mask was drawn), so estimator mistakes are part of the
-measured FMR of each route.
+probes meet masked templates and score higher against impostors too; and it scores a probe judged unmasked
+against the user's unmasked templates only (`match.route_rows`). Calibration routes each probe by that same
+mask estimate (not by whether a mask was drawn) and scores it the same way, so estimator mistakes are part
+of the measured FMR of each route.
 
 Detection follows the deployed path: the detector `FaceUnlock` builds by default (or the one named), the
 largest face, and a masked probe is detected afresh on the masked picture, as a door camera would see it.
@@ -32,7 +33,7 @@ from ..embed import FaceEmbedder
 from ..errors import InputError
 from ..io import load_image
 from ..masks import MASK_TYPES, apply_mask
-from ..match import AGGREGATIONS
+from ..match import AGGREGATIONS, ROUTES, route_rows
 from ..quality import QualityPolicy, assess
 from ..unlock import synthesize_masked_copies
 from . import metrics
@@ -40,7 +41,6 @@ from .calibrate import LabelledImage, check_not_trained_on
 from .runner import deployed_detector, image_seed
 
 PROBE_VARIANTS = ("unmasked", "masked")  # what was drawn
-ROUTES = ("unmasked", "masked")  # what the quality gate's mask estimate says
 
 
 def _largest(detector, frame):
@@ -59,7 +59,7 @@ def _embed_identity_sets(images: list[LabelledImage], embedder: FaceEmbedder, de
     policy = QualityPolicy.verify()
     todo = [(identity, group) for identity, group in sorted(by_identity.items()) if len(group) > enroll_per_identity]
     for identity, group in tqdm(todo, desc="calibration identities", disable=not progress):
-        rows = []
+        rows, masked_flags = [], []
         for k, image in enumerate(group):
             frame = load_image(image.path)
             face = _largest(detector, frame)
@@ -69,8 +69,10 @@ def _embed_identity_sets(images: list[LabelledImage], embedder: FaceEmbedder, de
             rng = np.random.default_rng(image_seed(image.key, seed))
             if k < enroll_per_identity:
                 rows.append(embedder.embed_faces(frame, face.landmarks[None])[0])
-                rows += [embedder.embed_faces(masked, face.landmarks[None], route="masked")[0]
-                         for _, masked in synthesize_masked_copies(frame, face.landmarks, rng)]
+                masked_flags.append(False)
+                for _, masked in synthesize_masked_copies(frame, face.landmarks, rng):
+                    rows.append(embedder.embed_faces(masked, face.landmarks[None], route="masked")[0])
+                    masked_flags.append(True)
             else:
                 mask_type = MASK_TYPES[rng.integers(len(MASK_TYPES))]
                 masked = apply_mask(frame, face.landmarks, mask_type, rng)
@@ -83,15 +85,28 @@ def _embed_identity_sets(images: list[LabelledImage], embedder: FaceEmbedder, de
                     embedding = embedder.embed_faces(picture, seen.landmarks[None], route=route)[0]
                     probes[variant].append((identity, embedding, route))
         if rows:
-            templates[identity] = np.stack(rows)
+            templates[identity] = (np.stack(rows), np.array(masked_flags))
     return templates, probes, failures, masked_misses
 
 
-def attempt_scores(templates: dict[str, np.ndarray], probes: list[tuple], aggregation: str):
-    """(genuine scores, impostor scores): every probe (identity, embedding, ...) against every enrolled
-    identity, aggregated over that identity's templates."""
+def attempt_scores(templates: dict[str, tuple[np.ndarray, np.ndarray]], probes: list[tuple], aggregation: str):
+    """(genuine scores, impostor scores): every probe (identity, embedding, route) against every enrolled
+    identity (templates, their masked flags), aggregated over the templates that `FaceUnlock` scores a probe
+    of that route against (`match.route_rows`)."""
     if aggregation not in AGGREGATIONS:
         raise InputError(f"aggregation must be one of {AGGREGATIONS}")
+    genuine, impostor = [], []
+    for route in ROUTES:
+        group = [p for p in probes if p[2] == route]
+        if group:
+            chosen = {i: rows[route_rows(flags, route)] for i, (rows, flags) in templates.items()}
+            g, imp = _aggregated_scores(chosen, group, aggregation)
+            genuine.append(g)
+            impostor.append(imp)
+    return np.concatenate(genuine), np.concatenate(impostor)
+
+
+def _aggregated_scores(templates: dict[str, np.ndarray], probes: list[tuple], aggregation: str):
     identities = sorted(templates)
     stacked = np.concatenate([templates[i] for i in identities])
     starts = np.cumsum([0] + [len(templates[i]) for i in identities[:-1]])
@@ -144,17 +159,18 @@ def calibrate_unlock(package, images: list[LabelledImage], dataset, targets=(1e-
                                observed_fmr=float(np.mean(impostor >= t)))
                 rows[name] = row
             evidence[aggregation][key] = rows
-            route_rows = [rows.get("route " + r) for r in ROUTES]
-            if all(r is not None and "threshold" in r for r in route_rows):
-                for route, row in zip(ROUTES, route_rows):
+            route_evidence = [rows.get("route " + r) for r in ROUTES]
+            if all(r is not None and "threshold" in r for r in route_evidence):
+                for route, row in zip(ROUTES, route_evidence):
                     thresholds[aggregation][route][key] = row["threshold"]
                 # For callers without a mask verdict: the stricter route meets the target for both.
-                thresholds[aggregation]["all"][key] = max(r["threshold"] for r in route_rows)
+                thresholds[aggregation]["all"][key] = max(r["threshold"] for r in route_evidence)
     calibration = {
         "method": "unlock simulation: per identity the first images enrolled as FaceUnlock.enroll does "
                   "(plus synthetic masked copies), the rest probe every identity unmasked and masked (masked "
                   "probes detected afresh on the masked picture, misses make no attempt); "
-                  "probes routed by the quality gate's mask estimate; FMR per attempt within each route; "
+                  "probes routed by the quality gate's mask estimate and scored against the templates of their "
+                  "route (unmasked probes: the unmasked templates); FMR per attempt within each route; "
                   "'all' = the higher of the two route thresholds",
         "dataset": str(dataset),
         "split": split,

@@ -1,0 +1,81 @@
+"""Which enrolled templates should a probe of each route be scored against? Rescoring of one unlock-protocol
+calibration run (docs/results.md, "Threshold calibration") under several rules, max aggregation:
+
+- every template (the rule before `match.route_rows`);
+- a probe judged unmasked meets the unmasked templates only (`match.route_rows`, the rule in use);
+- softer rules between the two: for a probe judged unmasked, a masked template's score counts `delta` less.
+
+Per rule, each route's threshold is set for FMR 1e-4 (and 1e-3) on that route's impostor attempts, as
+`edge-mfr calibrate` does; then FNMR is reported per route, and per what was drawn (the people who wore no
+mask / a mask, whichever route the quality gate sent them to): the figure users feel.
+
+    OMP_NUM_THREADS=1 python benchmarks/route_template_rules.py [--model dlib_resnet_v1]
+
+Embeds celeba_test `calib` once as `edge-mfr calibrate` does (about 4 minutes on one thread), then rescores.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from edge_mfr.embed import FaceEmbedder  # noqa: E402
+from edge_mfr.eval import metrics  # noqa: E402
+from edge_mfr.eval.calibrate import read_labelled_images  # noqa: E402
+from edge_mfr.eval.runner import deployed_detector  # noqa: E402
+from edge_mfr.eval.unlock_calibration import _embed_identity_sets  # noqa: E402
+from edge_mfr.match import ROUTES  # noqa: E402
+from edge_mfr.models.package import load_package  # noqa: E402
+
+CALIB = Path(__file__).resolve().parents[2] / "shared" / "data" / "celeba_test"
+# penalty on masked templates for probes judged unmasked: 0 = every template, inf = unmasked templates only
+RULES = {"every template": 0.0, "masked templates -0.005": 0.005, "masked templates -0.01": 0.01,
+         "masked templates -0.02": 0.02, "unmasked templates only (in use)": np.inf}
+
+
+def attempt_matrix(templates: dict, probes: list[tuple], penalty: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per probe and enrolled identity the max score, masked templates lowered by `penalty` for probes of
+    the unmasked route; and the mask of genuine attempts."""
+    identities = sorted(templates)
+    out = np.empty((len(probes), len(identities)))
+    embeddings = np.stack([p[1] for p in probes])
+    unmasked_route = np.array([p[2] == "unmasked" for p in probes])
+    for k, identity in enumerate(identities):
+        rows, masked = templates[identity]
+        scores = embeddings @ rows.T
+        if not masked.all():
+            scores = np.where(unmasked_route[:, None] & masked[None, :], scores - penalty, scores)
+        out[:, k] = scores.max(axis=1)
+    genuine = np.array([p[0] for p in probes])[:, None] == np.array(identities)[None, :]
+    return out, genuine
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="dlib_resnet_v1")
+    args = parser.parse_args()
+    images = read_labelled_images(CALIB / "images", CALIB / "identities.txt", split="calib")
+    embedder = FaceEmbedder(load_package(args.model), threads=1)
+    templates, probes, _, _ = _embed_identity_sets(images, embedder, deployed_detector(None), 2, 0, False)
+    drawn = {variant: [(*p, variant) for p in probes[variant]] for variant in probes}
+    everyone = [p for p in drawn["unmasked"] + drawn["masked"] if p[0] in templates]  # one genuine column each
+    print("| rule | FMR | unmasked route FNMR | masked route FNMR | drawn unmasked FNMR | drawn masked FNMR |")
+    print("|---|---|---|---|---|---|")
+    for rule, penalty in RULES.items():
+        scores, genuine = attempt_matrix(templates, everyone, penalty)
+        route = np.array([p[2] for p in everyone])
+        variant = np.array([p[3] for p in everyone])
+        for fmr in (1e-3, 1e-4):
+            thresholds = {r: metrics.threshold_for_fmr(scores[route == r][~genuine[route == r]], fmr) for r in ROUTES}
+            accepted = scores[genuine] >= np.array([thresholds[r] for r in route])
+            cells = [f"{100 * np.mean(~accepted[route == r]):.1f}%" for r in ROUTES]
+            cells += [f"{100 * np.mean(~accepted[variant == v]):.1f}%" for v in ("unmasked", "masked")]
+            print(f"| {rule} | {fmr:g} | " + " | ".join(cells) + " |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
