@@ -7,7 +7,9 @@ calibration run (docs/results.md, "Threshold calibration") under several rules, 
 
 Per rule, each route's threshold is set for FMR 1e-4 (and 1e-3) on that route's impostor attempts, as
 `edge-mfr calibrate` does; then FNMR is reported per route, and per what was drawn (the people who wore no
-mask / a mask, whichever route the quality gate sent them to): the figure users feel.
+mask / a mask, whichever route the quality gate sent them to): the figure users feel. A second table keeps
+the rule in use and moves the mask estimator's routing threshold (`QualityPolicy.mask_threshold`, 0.5),
+which is valid for a package without a masked-route map (its embedding does not depend on the route).
 
     OMP_NUM_THREADS=1 python benchmarks/route_template_rules.py [--model dlib_resnet_v1]
 
@@ -60,21 +62,42 @@ def main() -> int:
     images = read_labelled_images(CALIB / "images", CALIB / "identities.txt", split="calib")
     embedder = FaceEmbedder(load_package(args.model), threads=1)
     templates, probes, _, _ = _embed_identity_sets(images, embedder, deployed_detector(None), 2, 0, False)
-    drawn = {variant: [(*p, variant) for p in probes[variant]] for variant in probes}
+    drawn = {variant: [(*p, variant) for p in probes[variant]] for variant in probes}  # +(drawn variant,)
     everyone = [p for p in drawn["unmasked"] + drawn["masked"] if p[0] in templates]  # one genuine column each
     print("| rule | FMR | unmasked route FNMR | masked route FNMR | drawn unmasked FNMR | drawn masked FNMR |")
     print("|---|---|---|---|---|---|")
     for rule, penalty in RULES.items():
         scores, genuine = attempt_matrix(templates, everyone, penalty)
         route = np.array([p[2] for p in everyone])
-        variant = np.array([p[3] for p in everyone])
+        variant = np.array([p[4] for p in everyone])
         for fmr in (1e-3, 1e-4):
             thresholds = {r: metrics.threshold_for_fmr(scores[route == r][~genuine[route == r]], fmr) for r in ROUTES}
             accepted = scores[genuine] >= np.array([thresholds[r] for r in route])
             cells = [f"{100 * np.mean(~accepted[route == r]):.1f}%" for r in ROUTES]
             cells += [f"{100 * np.mean(~accepted[variant == v]):.1f}%" for v in ("unmasked", "masked")]
             print(f"| {rule} | {fmr:g} | " + " | ".join(cells) + " |", flush=True)
+    routing_thresholds(templates, everyone)
     return 0
+
+
+def routing_thresholds(templates: dict, everyone: list[tuple]) -> None:
+    """The rule in use, probes routed at other mask-probability thresholds; FMR 1e-4."""
+    print("\n| routing threshold | masked probes routed masked | unmasked probes routed masked | "
+          "drawn unmasked FNMR | drawn masked FNMR |")
+    print("|---|---|---|---|---|")
+    probability = np.array([p[3] for p in everyone])
+    variant = np.array([p[4] for p in everyone])
+    by_route = {r: attempt_matrix(templates, [(p[0], p[1], r) for p in everyone], np.inf) for r in ROUTES}
+    genuine = by_route["unmasked"][1]
+    for tau in (0.7, 0.5, 0.3, 0.2, 0.1):
+        route = np.where(probability >= tau, "masked", "unmasked")
+        scores = np.where((route == "masked")[:, None], by_route["masked"][0], by_route["unmasked"][0])
+        thresholds = {r: metrics.threshold_for_fmr(scores[route == r][~genuine[route == r]], 1e-4) for r in ROUTES}
+        accepted = scores[genuine] >= np.array([thresholds[r] for r in route])
+        flagged = [np.mean(route[variant == v] == "masked") for v in ("masked", "unmasked")]
+        fnmr = [np.mean(~accepted[variant == v]) for v in ("unmasked", "masked")]
+        print(f"| {tau} | {100 * flagged[0]:.1f}% | {100 * flagged[1]:.1f}% | {100 * fnmr[0]:.1f}% | "
+              f"{100 * fnmr[1]:.1f}% |", flush=True)
 
 
 if __name__ == "__main__":

@@ -81,9 +81,10 @@ def _embed_identity_sets(images: list[LabelledImage], embedder: FaceEmbedder, de
                     if seen is None:
                         masked_misses.append(image.key)
                         continue
-                    route = "masked" if assess(picture, seen, policy).masked else "unmasked"
+                    report = assess(picture, seen, policy)
+                    route = "masked" if report.masked else "unmasked"
                     embedding = embedder.embed_faces(picture, seen.landmarks[None], route=route)[0]
-                    probes[variant].append((identity, embedding, route))
+                    probes[variant].append((identity, embedding, route, report.masked_probability))
         if rows:
             templates[identity] = (np.stack(rows), np.array(masked_flags))
     return templates, probes, failures, masked_misses
