@@ -113,6 +113,24 @@ def test_a_few_steps_lower_the_loss_and_resume_exactly(tiny_pool, tmp_path):
     assert losses_of(resumed) == losses  # bit for bit: model, optimizer, schedule and data order all restored
 
 
+def test_the_network_where_a_run_stopped_exports_from_last_pt(tiny_pool, tmp_path):
+    """A run stopped by its budget leaves its latest network only in last.pt; export takes it."""
+    from edge_mfr.models.package import load_package
+    from edge_mfr.train.export import export_package
+    from edge_mfr.train.trainer import fit, load_train_checkpoint, weights_record
+
+    run = fit(tiny_config(tiny_pool, tmp_path / "stopped", stop_after_steps=5), log=lambda _: None)
+    assert not (run / "final.pt").exists()
+    last = load_train_checkpoint(run / "last.pt")
+    record = weights_record(last, run / "last.pt")
+    assert record["step"] == 5 and set(record["network"]) and not any(k.startswith("network.") for k in record["network"])
+    package = export_package(run / "last.pt", tmp_path / "stopped.onnx", name="stopped")
+    assert load_package(package.onnx_path).name == "stopped"
+    del last["pool_meta"]
+    with pytest.raises(InputError, match="without the pool's metadata"):
+        weights_record(last, run / "last.pt")
+
+
 def test_resume_refuses_a_checkpoint_of_another_config(tiny_pool, tmp_path):
     from edge_mfr.train.trainer import fit
 

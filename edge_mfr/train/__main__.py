@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     fit.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config fields to override")
     fit.add_argument("--resume", action="store_true", help="continue from OUT_DIR/NAME/last.pt if it exists")
 
-    export = commands.add_parser("export", help="best.pt of a run -> model package (ONNX + sidecar)")
+    export = commands.add_parser("export", help="best.pt (or final.pt, last.pt) of a run -> model package (ONNX + sidecar)")
     export.add_argument("checkpoint")
     export.add_argument("--out", required=True, help="output .onnx")
     export.add_argument("--name")

@@ -1,4 +1,4 @@
-"""A trained network (`best.pt` of a run) -> an edge-mfr model package (ONNX + sidecar with its recipe).
+"""A trained network (`best.pt`, `final.pt` or `last.pt` of a run) -> an edge-mfr model package (ONNX + sidecar with its recipe).
 
 The sidecar records the whole config, the training data terms (`recipe["train_data"]`, which `edge-mfr calibrate`
 reads to refuse calibrating on training identities), the teacher, the hold-out metrics it was selected on and
@@ -16,7 +16,7 @@ from edge_mfr.models.package import ModelPackage, save_package
 from edge_mfr.train.config import TrainConfig
 from edge_mfr.train.data import chip_template
 from edge_mfr.train.teacher import TEACHER_DIVISOR, TEACHER_INPUT
-from edge_mfr.train.trainer import build_network_from_record, load_train_checkpoint
+from edge_mfr.train.trainer import build_network_from_record, load_train_checkpoint, weights_record
 
 EXPORT_TOLERANCE = 1e-4
 DATA_TERMS = ("trained on CelebA (non-commercial research use only, per its authors' agreement); the weights "
@@ -29,7 +29,7 @@ def export_package(checkpoint_path: str | Path, out_onnx: str | Path, name: str 
                    extra_recipe: dict | None = None) -> ModelPackage:
     from edge_mfr.models.teacher import _export_onnx
 
-    record = load_train_checkpoint(checkpoint_path)
+    record = weights_record(load_train_checkpoint(checkpoint_path), checkpoint_path)
     config = TrainConfig.from_dict(record["config"])
     network = build_network_from_record(record).eval()
     out_onnx = Path(out_onnx)

@@ -129,6 +129,20 @@ def init_checkpoint_path(config: TrainConfig) -> Path:
     return given if given.suffix == ".pt" else Path(config.out_dir) / config.init_checkpoint / "best.pt"
 
 
+def weights_record(record: dict, path) -> dict:
+    """The network record of a checkpoint: `best.pt` and `final.pt` are one; `last.pt` (the resume state, where
+    a run stopped early by its time budget left its latest network) is reduced to one."""
+    if "module" not in record:
+        return record
+    if "pool_meta" not in record:
+        raise InputError(f"{path} is a resume checkpoint written without the pool's metadata (before it was "
+                         "stored there): resume the run (fit --resume) to rewrite it, or export best.pt")
+    return {"format": record["format"], "config": record["config"], "config_hash": record["config_hash"],
+            "network": {k[len("network."):]: v for k, v in record["module"].items() if k.startswith("network.")},
+            "metrics": record["state"]["evals"][-1], "step": record["state"]["step"], "pool_meta": record["pool_meta"],
+            "pool_faces": record["pool_faces"], "pool_identities": record["pool_identities"]}
+
+
 def build_network_from_record(record: dict) -> nn.Module:
     """The trained network of a `best.pt` record."""
     config = TrainConfig.from_dict(record["config"])
@@ -373,7 +387,7 @@ def fit(config: TrainConfig, resume: bool = False, log: Callable[[str], None] = 
                 torch.save(_weights_record(module.network, config, pool, state, metrics), out_dir / "best.pt")
             log(f"step {state['step']} hold-out TPR@FMR1e-3 uu {metrics['tpr_uu']:.4f} um {metrics['tpr_um']:.4f} "
                 f"mm {metrics['tpr_mm']:.4f}{' (best)' if state['best_score'] == score else ''}")
-            _save_last(out_dir / "last.pt", module, optimizer, scheduler, config, state)
+            _save_last(out_dir / "last.pt", module, optimizer, scheduler, config, state, pool)
             (out_dir / "history.json").write_text(json.dumps({"config": config.to_dict(), **state}, indent=1))
             plot_history(state, out_dir / "loss_curve.png", config.name)
         if world > 1:
@@ -493,10 +507,12 @@ def _weights_record(network: nn.Module, config: TrainConfig, pool: TrainingPool,
             "pool_faces": len(pool), "pool_identities": len(pool.identities)}
 
 
-def _save_last(path: Path, module: nn.Module, optimizer, scheduler, config: TrainConfig, state: dict) -> None:
+def _save_last(path: Path, module: nn.Module, optimizer, scheduler, config: TrainConfig, state: dict,
+               pool: TrainingPool) -> None:
     record = {"format": CHECKPOINT_FORMAT, "config": config.to_dict(), "config_hash": config.result_hash(),
               "module": module.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-              "state": json.loads(json.dumps(state, default=float))}
+              "state": json.loads(json.dumps(state, default=float)), "pool_meta": json.loads(json.dumps(pool.meta)),
+              "pool_faces": len(pool), "pool_identities": len(pool.identities)}
     tmp = path.with_name(path.name + ".tmp")
     torch.save(record, tmp)
     os.replace(tmp, path)
