@@ -1,0 +1,124 @@
+"""Would a second network for the masked route help at the deployed operating point?
+
+Since a probe the quality gate judges unmasked meets only the unmasked templates (`match.route_rows`), the
+masked templates and the masked-route probes could come from another network: one fine-tuned to map masked
+faces onto the teacher's clean templates (squared-error KD, every training face masked), whose drift on
+clean faces then does not matter. This simulates the unlock protocol of `edge-mfr calibrate` on
+celeba_test `calib` (2 photos enrolled per identity plus synthetic masked copies, the rest probe unmasked
+and masked, masked probes detected afresh, routed by the quality gate) for two designs:
+
+- teacher: every template and probe embedded by the teacher (today's package);
+- two networks: unmasked templates and unmasked-route probes by the teacher, masked templates and
+  masked-route probes by STUDENT.
+
+Per design, each route's threshold is set for FMR 1e-4 (and 1e-3) on its impostor attempts; FNMR per route
+and per what was drawn.
+
+    OMP_NUM_THREADS=1 python benchmarks/masked_route_network.py STUDENT.onnx
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from edge_mfr.embed import FaceEmbedder  # noqa: E402
+from edge_mfr.eval import metrics  # noqa: E402
+from edge_mfr.eval.calibrate import read_labelled_images  # noqa: E402
+from edge_mfr.eval.runner import deployed_detector, image_seed  # noqa: E402
+from edge_mfr.io import load_image  # noqa: E402
+from edge_mfr.masks import MASK_TYPES, apply_mask  # noqa: E402
+from edge_mfr.match import ROUTES, route_rows  # noqa: E402
+from edge_mfr.models.package import load_package  # noqa: E402
+from edge_mfr.quality import QualityPolicy, assess  # noqa: E402
+from edge_mfr.unlock import synthesize_masked_copies  # noqa: E402
+
+CALIB = Path(__file__).resolve().parents[2] / "shared" / "data" / "celeba_test"
+DESIGNS = ("teacher", "two networks")
+
+
+def largest(detector, frame):
+    faces = detector.detect(frame)
+    return max(faces, key=lambda d: d.area) if faces else None
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("student")
+    parser.add_argument("--teacher", default="dlib_resnet_v1")
+    args = parser.parse_args()
+    teacher = FaceEmbedder(load_package(args.teacher), threads=1)
+    student = FaceEmbedder(load_package(args.student), threads=1)
+    detector, policy = deployed_detector(None), QualityPolicy.verify()
+    images = read_labelled_images(CALIB / "images", CALIB / "identities.txt", split="calib")
+    by_identity = defaultdict(list)
+    for image in images:
+        by_identity[image.identity].append(image)
+    # templates[design][identity] = (rows, masked flags); probes: (identity, {design: embedding}, route, drawn)
+    templates = {d: {} for d in DESIGNS}
+    probes = []
+    for identity, group in sorted(by_identity.items()):
+        if len(group) <= 2:
+            continue
+        rows = {d: [] for d in DESIGNS}
+        flags = []
+        for k, image in enumerate(group):
+            frame = load_image(image.path)
+            face = largest(detector, frame)
+            if face is None:
+                continue
+            rng = np.random.default_rng(image_seed(image.key, 0))
+            points = face.landmarks[None]
+            if k < 2:
+                clean = teacher.embed_faces(frame, points)[0]
+                rows["teacher"].append(clean)
+                rows["two networks"].append(clean)
+                flags.append(False)
+                for _, masked in synthesize_masked_copies(frame, face.landmarks, rng):
+                    rows["teacher"].append(teacher.embed_faces(masked, points)[0])
+                    rows["two networks"].append(student.embed_faces(masked, points)[0])
+                    flags.append(True)
+                continue
+            masked = apply_mask(frame, face.landmarks, MASK_TYPES[rng.integers(len(MASK_TYPES))], rng)
+            for drawn, picture in (("unmasked", frame), ("masked", masked)):
+                seen = face if drawn == "unmasked" else largest(detector, picture)
+                if seen is None:
+                    continue
+                route = "masked" if assess(picture, seen, policy).masked else "unmasked"
+                plain = teacher.embed_faces(picture, seen.landmarks[None])[0]
+                routed = student.embed_faces(picture, seen.landmarks[None])[0] if route == "masked" else plain
+                probes.append((identity, {"teacher": plain, "two networks": routed}, route, drawn))
+        if flags:
+            for d in DESIGNS:
+                templates[d][identity] = (np.stack(rows[d]), np.array(flags))
+    probes = [p for p in probes if p[0] in templates["teacher"]]
+    identities = sorted(templates["teacher"])
+    genuine = np.array([p[0] for p in probes])[:, None] == np.array(identities)[None, :]
+    route = np.array([p[2] for p in probes])
+    drawn = np.array([p[3] for p in probes])
+    print(f"{len(identities)} identities, {len(probes)} probe attempts")
+    print("| design | FMR | unmasked route FNMR | masked route FNMR | drawn unmasked FNMR | drawn masked FNMR |")
+    print("|---|---|---|---|---|---|")
+    for design in DESIGNS:
+        embeddings = np.stack([p[1][design] for p in probes])
+        scores = np.empty((len(probes), len(identities)))
+        for k, identity in enumerate(identities):
+            rows, flags = templates[design][identity]
+            for r in ROUTES:
+                sel = route == r
+                scores[sel, k] = (embeddings[sel] @ rows[route_rows(flags, r)].T).max(axis=1)
+        for fmr in (1e-3, 1e-4):
+            thresholds = {r: metrics.threshold_for_fmr(scores[route == r][~genuine[route == r]], fmr) for r in ROUTES}
+            accepted = scores[genuine] >= np.array([thresholds[r] for r in route])
+            cells = [f"{100 * np.mean(~accepted[route == r]):.1f}%" for r in ROUTES]
+            cells += [f"{100 * np.mean(~accepted[drawn == v]):.1f}%" for v in ("unmasked", "masked")]
+            print(f"| {design} | {fmr:g} | " + " | ".join(cells) + " |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
