@@ -26,13 +26,13 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from route_template_rules import attempt_matrix, fnmr_by_route_and_drawn  # noqa: E402
 from edge_mfr.embed import FaceEmbedder  # noqa: E402
-from edge_mfr.eval import metrics  # noqa: E402
 from edge_mfr.eval.calibrate import read_labelled_images  # noqa: E402
 from edge_mfr.eval.runner import deployed_detector, image_seed  # noqa: E402
 from edge_mfr.io import load_image  # noqa: E402
 from edge_mfr.masks import MASK_TYPES, apply_mask  # noqa: E402
-from edge_mfr.match import ROUTES, route_rows  # noqa: E402
 from edge_mfr.models.package import load_package  # noqa: E402
 from edge_mfr.quality import QualityPolicy, assess  # noqa: E402
 from edge_mfr.unlock import synthesize_masked_copies  # noqa: E402
@@ -97,25 +97,16 @@ def main() -> int:
                 templates[d][identity] = (np.stack(rows[d]), np.array(flags))
     probes = [p for p in probes if p[0] in templates["teacher"]]
     identities = sorted(templates["teacher"])
-    genuine = np.array([p[0] for p in probes])[:, None] == np.array(identities)[None, :]
     route = np.array([p[2] for p in probes])
     drawn = np.array([p[3] for p in probes])
     print(f"{len(identities)} identities, {len(probes)} probe attempts")
     print("| design | FMR | unmasked route FNMR | masked route FNMR | drawn unmasked FNMR | drawn masked FNMR |")
     print("|---|---|---|---|---|---|")
     for design in DESIGNS:
-        embeddings = np.stack([p[1][design] for p in probes])
-        scores = np.empty((len(probes), len(identities)))
-        for k, identity in enumerate(identities):
-            rows, flags = templates[design][identity]
-            for r in ROUTES:
-                sel = route == r
-                scores[sel, k] = (embeddings[sel] @ rows[route_rows(flags, r)].T).max(axis=1)
+        # an infinite penalty on masked templates for unmasked-route probes is match.route_rows
+        scores, genuine = attempt_matrix(templates[design], [(p[0], p[1][design], p[2]) for p in probes], np.inf)
         for fmr in (1e-3, 1e-4):
-            thresholds = {r: metrics.threshold_for_fmr(scores[route == r][~genuine[route == r]], fmr) for r in ROUTES}
-            accepted = scores[genuine] >= np.array([thresholds[r] for r in route])
-            cells = [f"{100 * np.mean(~accepted[route == r]):.1f}%" for r in ROUTES]
-            cells += [f"{100 * np.mean(~accepted[drawn == v]):.1f}%" for v in ("unmasked", "masked")]
+            cells = [f"{100 * f:.1f}%" for f in fnmr_by_route_and_drawn(scores, genuine, route, drawn, fmr)]
             print(f"| {design} | {fmr:g} | " + " | ".join(cells) + " |", flush=True)
     return 0
 

@@ -55,6 +55,17 @@ def attempt_matrix(templates: dict, probes: list[tuple], penalty: float) -> tupl
     return out, genuine
 
 
+def fnmr_by_route_and_drawn(scores: np.ndarray, genuine: np.ndarray, route: np.ndarray, drawn: np.ndarray,
+                            fmr: float) -> list[float]:
+    """Each route's threshold set for `fmr` on that route's impostor attempts (as `edge-mfr calibrate` does);
+    FNMR per route (ROUTES order), then per drawn variant (unmasked, masked). `scores` (probes, identities),
+    `genuine` its genuine cells, one per probe."""
+    thresholds = {r: metrics.threshold_for_fmr(scores[route == r][~genuine[route == r]], fmr) for r in ROUTES}
+    accepted = scores[genuine] >= np.array([thresholds[r] for r in route])
+    return [float(np.mean(~accepted[route == r])) for r in ROUTES] + \
+        [float(np.mean(~accepted[drawn == v])) for v in ("unmasked", "masked")]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="dlib_resnet_v1")
@@ -71,10 +82,7 @@ def main() -> int:
         route = np.array([p[2] for p in everyone])
         variant = np.array([p[4] for p in everyone])
         for fmr in (1e-3, 1e-4):
-            thresholds = {r: metrics.threshold_for_fmr(scores[route == r][~genuine[route == r]], fmr) for r in ROUTES}
-            accepted = scores[genuine] >= np.array([thresholds[r] for r in route])
-            cells = [f"{100 * np.mean(~accepted[route == r]):.1f}%" for r in ROUTES]
-            cells += [f"{100 * np.mean(~accepted[variant == v]):.1f}%" for v in ("unmasked", "masked")]
+            cells = [f"{100 * f:.1f}%" for f in fnmr_by_route_and_drawn(scores, genuine, route, variant, fmr)]
             print(f"| {rule} | {fmr:g} | " + " | ".join(cells) + " |", flush=True)
     routing_thresholds(templates, everyone)
     return 0
@@ -92,10 +100,8 @@ def routing_thresholds(templates: dict, everyone: list[tuple]) -> None:
     for tau in (0.7, 0.5, 0.3, 0.2, 0.1):
         route = np.where(probability >= tau, "masked", "unmasked")
         scores = np.where((route == "masked")[:, None], by_route["masked"][0], by_route["unmasked"][0])
-        thresholds = {r: metrics.threshold_for_fmr(scores[route == r][~genuine[route == r]], 1e-4) for r in ROUTES}
-        accepted = scores[genuine] >= np.array([thresholds[r] for r in route])
         flagged = [np.mean(route[variant == v] == "masked") for v in ("masked", "unmasked")]
-        fnmr = [np.mean(~accepted[variant == v]) for v in ("unmasked", "masked")]
+        fnmr = fnmr_by_route_and_drawn(scores, genuine, route, variant, 1e-4)[len(ROUTES):]
         print(f"| {tau} | {100 * flagged[0]:.1f}% | {100 * flagged[1]:.1f}% | {100 * fnmr[0]:.1f}% | "
               f"{100 * fnmr[1]:.1f}% |", flush=True)
 
