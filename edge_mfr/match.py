@@ -29,6 +29,16 @@ def route_rows(masked: np.ndarray, route: str) -> np.ndarray:
     return ~masked
 
 
+def scoring_space(vectors: np.ndarray, weight: np.ndarray | None) -> np.ndarray:
+    """L2-normalised embeddings (N, D) as a route's scoring metric compares them (`ModelPackage.route_metric`):
+    multiplied by its weight (D, D) and L2-normalised again; unchanged where the route has no metric."""
+    vectors = np.asarray(vectors, np.float32)
+    if weight is None:
+        return vectors
+    projected = vectors @ np.asarray(weight, np.float32)
+    return projected / np.maximum(np.linalg.norm(projected, axis=-1, keepdims=True), 1e-12)
+
+
 def cosine_scores(probe: np.ndarray, templates: np.ndarray) -> np.ndarray:
     """Scores of one L2-normalised probe (D,) against templates (T, D)."""
     probe = np.asarray(probe, np.float32)

@@ -17,7 +17,7 @@ from .detect import DEFAULT_DETECTOR, Detection, get_detector
 from .embed import FaceEmbedder
 from .errors import GalleryError, InputError, QualityError
 from .gallery import Gallery, RollbackCounter
-from .match import AGGREGATIONS, ROUTES, Candidate, aggregate, cosine_scores, rank_users
+from .match import AGGREGATIONS, ROUTES, Candidate, aggregate, cosine_scores, rank_users, scoring_space
 from .models.package import ModelPackage
 from .quality import QualityPolicy, QualityReport, assess
 
@@ -284,6 +284,12 @@ class FaceUnlock:
         """The probe's route: masked when the quality gate judges the face masked."""
         return "masked" if cap.quality.masked else "unmasked"
 
+    def in_scoring_space(self, cap: Capture, templates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The probe and the templates it meets as its route compares them: through the package's scoring
+        metric where that route has one (a masked-route metric whitens what a mask changes), else as stored."""
+        weight = self.embedder.package.route_metric(self.route_of(cap))
+        return scoring_space(cap.embedding[None], weight)[0], scoring_space(templates, weight)
+
     def threshold_for(self, cap: Capture) -> float:
         """The threshold of the probe's route."""
         return self.thresholds[self.route_of(cap)]
@@ -298,7 +304,7 @@ class FaceUnlock:
         if refusal:
             return refusal
         start = time.perf_counter()
-        score = aggregate(cosine_scores(cap.embedding, by_route[self.route_of(cap)]), self.aggregation)
+        score = aggregate(cosine_scores(*self.in_scoring_space(cap, by_route[self.route_of(cap)])), self.aggregation)
         latency = dict(cap.latency_ms, match=(time.perf_counter() - start) * 1e3)
         threshold = self.threshold_for(cap)
         accepted = score >= threshold
@@ -320,7 +326,8 @@ class FaceUnlock:
             return refusal
         names, templates = gallery.all_templates(self.route_of(cap))
         start = time.perf_counter()
-        ranked = rank_users(cap.embedding, names, templates, self.aggregation)
+        probe, templates = self.in_scoring_space(cap, templates)
+        ranked = rank_users(probe, names, templates, self.aggregation)
         latency = dict(cap.latency_ms, match=(time.perf_counter() - start) * 1e3)
         if not ranked:
             return Decision(False, "gallery is empty", None, None, self.threshold, self.fmr, source, cap.faces_found,

@@ -60,6 +60,10 @@ def test_unlock_calibration_on_real_faces_writes_per_aggregation_thresholds(tmp_
         assert table["all"]["0.1"] == max(table["masked"]["0.1"], table["unmasked"]["0.1"])
         assert table["masked"]["0.1"] == rows["route masked"]["threshold"]
         assert all(r["observed_fmr"] <= 0.1 for r in rows.values() if "observed_fmr" in r)
+        # what people feel: each drawn variant judged by the thresholds of the routes its attempts took
+        assert rows["drawn masked"]["at"] == "route thresholds"
+        assert rows["drawn unmasked"]["n_genuine"] + rows["drawn masked"]["n_genuine"] == \
+            rows["route unmasked"]["n_genuine"] + rows["route masked"]["n_genuine"]
     # max over more templates can only raise an impostor's score, so its threshold is at least mean's
     assert result["thresholds"]["max"]["all"]["0.1"] >= result["thresholds"]["mean"]["all"]["0.1"]
     updated = package.with_thresholds(result["thresholds"]["max"]["all"], result["calibration"], result["thresholds"])

@@ -215,6 +215,9 @@ def _calibrate_unlock(args, package, images) -> int:
                 if "threshold" in row:
                     print(f"    {name}: threshold {row['threshold']:.4f}, FNMR {100 * row['fnmr']:.1f}% "
                           f"({row['n_impostor']} impostor attempts, {row['support']})")
+                elif "at" in row:
+                    print(f"    {name}, at the {row['at']}: FNMR {100 * row['fnmr']:.1f}%, observed FMR "
+                          f"{row['observed_fmr']:.2g} ({row['n_genuine']} genuine attempts)")
                 else:
                     print(f"    {name}: not supported by {row['n_impostor']} impostor attempts")
     if args.json:

@@ -49,6 +49,7 @@ from edge_mfr.errors import InputError
 from edge_mfr.eval import metrics
 from edge_mfr.eval.pairs import PairSet
 from edge_mfr.eval.report import REPORT_FORMAT
+from edge_mfr.match import scoring_space
 
 SCENARIOS = ("uu", "um", "mm")
 # Which variant (masked or not) each side of a pair uses: (reference, probe).
@@ -522,9 +523,12 @@ def evaluate_pairs(pair_set: PairSet, packages, scenarios=("uu",), mask_family: 
                 index = np.array([rows[masked][getattr(p, attribute)] for p in pair_set.pairs], dtype=np.int64)
                 sides[side] = (embedded, index)
             (ref, ref_index), (probe, probe_index) = sides["reference"], sides["probe"]
-            scores = cosine_scores(ref.embeddings[model_index][ref_index], probe.embeddings[model_index][probe_index])
-            counted = cosine_scores(ref.with_misses_counted(model_index)[ref_index],
-                                    probe.with_misses_counted(model_index)[probe_index])
+            # A comparison with a masked face is one an unlock makes on the masked route: its scoring metric.
+            weight = model.package.route_metric("masked") if any(SCENARIO_VARIANTS[scenario]) else None
+            scores = cosine_scores(scoring_space(ref.embeddings[model_index][ref_index], weight),
+                                   scoring_space(probe.embeddings[model_index][probe_index], weight))
+            counted = cosine_scores(scoring_space(ref.with_misses_counted(model_index)[ref_index], weight),
+                                    scoring_space(probe.with_misses_counted(model_index)[probe_index], weight))
             scored = np.isfinite(scores)
             missed = ref.misses[ref_index] | probe.misses[probe_index]
             failed_keys = {key for embedded, _ in sides.values() for failed in embedded.failures.values()

@@ -33,7 +33,7 @@ from ..embed import FaceEmbedder
 from ..errors import InputError
 from ..io import load_image
 from ..masks import MASK_TYPES, apply_mask
-from ..match import AGGREGATIONS, ROUTES, route_rows
+from ..match import AGGREGATIONS, ROUTES, route_rows, scoring_space
 from ..quality import QualityPolicy, assess
 from ..unlock import synthesize_masked_copies
 from . import metrics
@@ -90,17 +90,21 @@ def _embed_identity_sets(images: list[LabelledImage], embedder: FaceEmbedder, de
     return templates, probes, failures, masked_misses
 
 
-def attempt_scores(templates: dict[str, tuple[np.ndarray, np.ndarray]], probes: list[tuple], aggregation: str):
+def attempt_scores(templates: dict[str, tuple[np.ndarray, np.ndarray]], probes: list[tuple], aggregation: str,
+                   weights: dict | None = None):
     """(genuine scores, impostor scores): every probe (identity, embedding, route) against every enrolled
     identity (templates, their masked flags), aggregated over the templates that `FaceUnlock` scores a probe
-    of that route against (`match.route_rows`)."""
+    of that route against (`match.route_rows`), compared through each route's scoring metric in `weights`
+    (`ModelPackage.route_metric`) as `FaceUnlock.in_scoring_space` does."""
     if aggregation not in AGGREGATIONS:
         raise InputError(f"aggregation must be one of {AGGREGATIONS}")
     genuine, impostor = [], []
     for route in ROUTES:
         group = [p for p in probes if p[2] == route]
         if group:
-            chosen = {i: rows[route_rows(flags, route)] for i, (rows, flags) in templates.items()}
+            weight = (weights or {}).get(route)
+            chosen = {i: scoring_space(rows[route_rows(flags, route)], weight) for i, (rows, flags) in templates.items()}
+            group = [(p[0], scoring_space(p[1][None], weight)[0], *p[2:]) for p in group]
             g, imp = _aggregated_scores(chosen, group, aggregation)
             genuine.append(g)
             impostor.append(imp)
@@ -140,25 +144,30 @@ def calibrate_unlock(package, images: list[LabelledImage], dataset, targets=(1e-
     if len(templates) < 2 or not probes["unmasked"]:
         raise InputError("calibration needs at least 2 identities with more images than enrollment uses")
     thresholds, evidence = {}, {}
+    weights = {route: embedder.package.route_metric(route) for route in ROUTES}
     all_probes = probes["unmasked"] + probes["masked"]
     routed = {route: [p for p in all_probes if p[2] == route] for route in ROUTES}
     for aggregation in aggregations:
         thresholds[aggregation] = {"all": {}, **{route: {} for route in ROUTES}}
         evidence[aggregation] = {}
-        per_route = {route: attempt_scores(templates, routed[route], aggregation) for route in ROUTES if routed[route]}
-        per_variant = {v: attempt_scores(templates, probes[v], aggregation) for v in PROBE_VARIANTS}
+        per_route = {route: attempt_scores(templates, routed[route], aggregation, weights)
+                     for route in ROUTES if routed[route]}
+        # What people feel: each drawn variant's attempts, whichever route the gate sent them to, judged by
+        # that route's threshold (the routes' scores need not share a scale: a route may have its own metric).
+        per_variant = {v: {r: attempt_scores(templates, group, aggregation, weights)
+                           for r in ROUTES if (group := [p for p in probes[v] if p[2] == r])}
+                       for v in PROBE_VARIANTS}
         for target in sorted(targets, reverse=True):
             key = str(float(target))
             rows = {}
-            for name, (genuine, impostor) in [*(("route " + r, s) for r, s in per_route.items()),
-                                               *(("drawn " + v, s) for v, s in per_variant.items())]:
+            for route, (genuine, impostor) in per_route.items():
                 support = metrics.fmr_support(len(impostor), target)
                 row = {"support": support, "n_genuine": int(genuine.size), "n_impostor": int(impostor.size)}
                 if support != metrics.NOT_SUPPORTED:
                     t = metrics.threshold_for_fmr(impostor, target)
                     row.update(threshold=t, fnmr=float(np.mean(genuine < t)),
                                observed_fmr=float(np.mean(impostor >= t)))
-                rows[name] = row
+                rows["route " + route] = row
             evidence[aggregation][key] = rows
             route_evidence = [rows.get("route " + r) for r in ROUTES]
             if all(r is not None and "threshold" in r for r in route_evidence):
@@ -166,6 +175,13 @@ def calibrate_unlock(package, images: list[LabelledImage], dataset, targets=(1e-
                     thresholds[aggregation][route][key] = row["threshold"]
                 # For callers without a mask verdict: the stricter route meets the target for both.
                 thresholds[aggregation]["all"][key] = max(r["threshold"] for r in route_evidence)
+                for variant, by_route in per_variant.items():
+                    rejected = np.concatenate([g < rows["route " + r]["threshold"] for r, (g, _) in by_route.items()])
+                    accepted = np.concatenate([i >= rows["route " + r]["threshold"]
+                                               for r, (_, i) in by_route.items()])
+                    rows["drawn " + variant] = {"at": "route thresholds", "n_genuine": int(rejected.size),
+                                                "n_impostor": int(accepted.size), "fnmr": float(rejected.mean()),
+                                                "observed_fmr": float(accepted.mean())}
     calibration = {
         "method": "unlock simulation: per identity the first images enrolled as FaceUnlock.enroll does "
                   "(plus synthetic masked copies), the rest probe every identity unmasked and masked (masked "

@@ -141,6 +141,12 @@ class ModelPackage:
             return None
         return np.asarray(entry["weight"], np.float32), np.asarray(entry["bias"], np.float32)
 
+    def route_metric(self, route: str) -> np.ndarray | None:
+        """Weight (D, D) with which a probe of this route and the templates it meets are compared
+        (`match.scoring_space`; fitted by edge_mfr.models.route_metric), or None: plain cosine."""
+        entry = (self.meta.get("scoring") or {}).get(route)
+        return None if entry is None else np.asarray(entry["weight"], np.float32)
+
     def summary(self) -> dict:
         return {
             "name": self.name,
@@ -177,6 +183,14 @@ def _validate_meta(meta: dict, where: Path) -> None:
         raise ModelPackageError(f"{where}: alignment template must be 5 finite (x, y) points")
     if embedding <= 0:
         raise ModelPackageError(f"{where}: embedding_size must be positive")
+    for route, entry in (meta.get("scoring") or {}).items():
+        try:
+            weight = np.asarray(entry["weight"], float)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelPackageError(f"{where}: malformed scoring metric for route {route!r} ({exc})") from None
+        if weight.shape != (embedding, embedding) or not np.all(np.isfinite(weight)):
+            raise ModelPackageError(f"{where}: the scoring metric of route {route!r} must be a finite "
+                                    f"{embedding}x{embedding} matrix, got shape {weight.shape}")
 
 
 def _check_graph(onnx_path: Path, meta: dict) -> None:

@@ -91,25 +91,35 @@ def tpr_at_fmr(genuine: np.ndarray, impostor: np.ndarray, fmr: float) -> float:
     return float(np.mean(genuine > threshold))
 
 
+def identity_folds(identities, seed: int = 0, count: int = 5) -> list[np.ndarray]:
+    """Boolean test masks of `count` identity-disjoint folds over the pairs' identities."""
+    identities = np.asarray(identities)
+    unique = np.random.default_rng(seed).permutation(np.unique(identities))
+    return [np.isin(identities, fold) for fold in np.array_split(unique, count)]
+
+
+def clean_vs_masked_tpr(clean: np.ndarray, masked: np.ndarray, identities: np.ndarray, fmr: float) -> float:
+    """TPR at `fmr` of every clean embedding against every masked one (different faces of one identity are
+    genuine, of different identities impostors)."""
+    similarity = clean @ masked.T
+    same = identities[:, None] == identities[None, :]
+    return tpr_at_fmr(similarity[same], similarity[~same], fmr)
+
+
 def select_alpha(clean: np.ndarray, masked: np.ndarray, identities, alphas=(0.003, 0.01, 0.03, 0.1, 0.3, 1.0),
                  fmr: float = 1e-3, seed: int = 0) -> tuple[float, list[dict]]:
     """Ridge strength chosen on identity-disjoint folds of the pairs: clean-vs-masked TPR at `fmr` (masked side
     mapped) across different faces, averaged over 5 folds. alpha -> infinity is the unmapped network."""
     identities = np.asarray(identities)
-    unique = np.random.default_rng(seed).permutation(np.unique(identities))
-    folds = np.array_split(unique, 5)
     results = []
     for alpha in (None, *alphas):
         scores = []
-        for fold in folds:
-            test = np.isin(identities, fold)
+        for test in identity_folds(identities, seed):
             if alpha is None:
                 mapped = masked[test]
             else:
                 mapped = apply_map(masked[test], *fit_ridge(masked[~test], clean[~test], alpha))
-            similarity = clean[test] @ mapped.T
-            same = identities[test][:, None] == identities[test][None, :]
-            scores.append(tpr_at_fmr(similarity[same], similarity[~same], fmr))
+            scores.append(clean_vs_masked_tpr(clean[test], mapped, identities[test], fmr))
         results.append({"alpha": alpha, "tpr_um": float(np.mean(scores))})
     best = max((r for r in results if r["alpha"] is not None), key=lambda r: r["tpr_um"])
     return best["alpha"], results
@@ -122,18 +132,29 @@ def apply_map(embeddings: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> n
 def with_masked_route(package: ModelPackage, weight: np.ndarray, bias: np.ndarray, out_onnx: str | Path, name: str,
                       provenance: dict) -> ModelPackage:
     """A copy of `package` (same graph) whose masked probes go through the map; thresholds must be recalibrated."""
+    routes = {"masked": {"weight": np.round(weight, 7).tolist(), "bias": np.round(bias, 7).tolist(),
+                         "method": "ridge regression, masked -> clean embedding of the same face",
+                         "base_fingerprint": package.fingerprint, **provenance}}
+    return derived_package(package, out_onnx, name, {"masked_route_map": "fitted by edge_mfr.models.route_map"},
+                           provenance, routes=routes)
+
+
+def derived_package(package: ModelPackage, out_onnx: str | Path, name: str, recipe: dict, provenance: dict,
+                    **changes) -> ModelPackage:
+    """A copy of `package` (same graph) under `name`, its recipe extended by `recipe` and the training data of
+    `provenance`, sidecar keys replaced by `changes`; thresholds dropped (they must be recalibrated)."""
     out_onnx = Path(out_onnx)
     if out_onnx.resolve() == package.onnx_path.resolve():
-        raise InputError("write the routed package next to, not over, its source")
+        raise InputError("write the derived package next to, not over, its source")
     out_onnx.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(package.onnx_path, out_onnx)
     meta = {k: v for k, v in package.meta.items() if k not in ("fingerprint", "thresholds", "thresholds_by_aggregation",
                                                                  "calibration", "format")}
     meta["name"] = name
-    # What the map was fitted on counts as training data: `edge-mfr calibrate` refuses those identities.
-    meta["recipe"] = {**package.meta.get("recipe", {}), "masked_route_map": "fitted by edge_mfr.models.route_map",
-                      "train_data": provenance.get("train_data", [])}
-    meta["routes"] = {"masked": {"weight": np.round(weight, 7).tolist(), "bias": np.round(bias, 7).tolist(),
-                                 "method": "ridge regression, masked -> clean embedding of the same face",
-                                 "base_fingerprint": package.fingerprint, **provenance}}
+    # What a route map or metric was fitted on counts as training data: `edge-mfr calibrate` refuses it.
+    train_data = list(package.meta.get("recipe", {}).get("train_data", []))
+    train_data += [d for d in provenance.get("train_data", []) if d not in train_data]
+    meta["recipe"] = {**package.meta.get("recipe", {}), **recipe, "train_data": train_data}
+    meta["recipe"] = {k: v for k, v in meta["recipe"].items() if v is not None}  # None: an entry removed
+    meta.update(changes)
     return save_package(out_onnx, meta)

@@ -55,6 +55,17 @@ def main(argv: list[str] | None = None) -> int:
     route.add_argument("--out", required=True, help="output .onnx of the routed package")
     route.add_argument("--name", required=True)
 
+    metric = commands.add_parser("route-metric", help="fit a masked-route scoring metric for a package; write a "
+                                 "copy that scores masked probes with it (same graph and fingerprint)")
+    metric.add_argument("--model", default="dlib_resnet_v1", help="package path or bundled name")
+    metric.add_argument("--data", default=DEFAULT_DATA)
+    metric.add_argument("--faces", type=int, default=2500, help="celeba_test train faces to draw pairs from")
+    metric.add_argument("--pairs", help=".npz cache of the pairs (written when absent, reused when it matches)")
+    metric.add_argument("--out", required=True, help="output .onnx of the copy")
+    metric.add_argument("--name", required=True)
+    metric.add_argument("--drop", action="store_true", help="write a copy without any masked-route metric instead "
+                        "(the baseline to compare with)")
+
     args = parser.parse_args(argv)
     try:
         if args.command == "prepare":
@@ -87,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
             run(load_config(args.config).with_overrides(args.overrides), resume=args.resume)
         elif args.command == "route-map":
             route_map_command(args)
+        elif args.command == "route-metric":
+            route_metric_command(args)
         else:
             from edge_mfr.train.export import export_package
 
@@ -98,35 +111,69 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def route_map_command(args) -> None:
+def route_pairs_for(args, package):
+    """The deployed-path (clean, masked) pairs of `package`: from the --pairs cache when it was made with this
+    graph, else drawn now (and cached there)."""
     import numpy as np
 
-    from edge_mfr.models.package import load_package
-    from edge_mfr.models.route_map import fit_ridge, route_pairs, select_alpha, with_masked_route
+    from edge_mfr.models.route_map import route_pairs
 
-    package = load_package(args.model)
     cache = Path(args.pairs) if args.pairs else None
     if cache is not None and cache.is_file() and str(np.load(cache)["fingerprint"]) == package.fingerprint:
         with np.load(cache) as data:
-            pairs = {key: data[key] for key in data.files}
-    else:
-        made = route_pairs([package], args.data, faces=args.faces)
-        pairs = {"clean": made["clean"][0], "masked": made["masked"][0], "identities": np.array(made["identities"]),
-                 "files": np.array(made["files"]), "mask_types": np.array(made["mask_types"]),
-                 "misses": made["misses"], "detector": made["detector"], "fingerprint": package.fingerprint}
-        if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            np.savez(cache, **pairs)
+            return {key: data[key] for key in data.files}
+    made = route_pairs([package], args.data, faces=args.faces)
+    pairs = {"clean": made["clean"][0], "masked": made["masked"][0], "identities": np.array(made["identities"]),
+             "files": np.array(made["files"]), "mask_types": np.array(made["mask_types"]),
+             "misses": made["misses"], "detector": made["detector"], "fingerprint": package.fingerprint}
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(cache, **pairs)
+    return pairs
+
+
+def pairs_provenance(pairs) -> dict:
+    import numpy as np
+
+    return {"pairs": int(len(pairs["clean"])), "identities": int(len(np.unique(pairs["identities"]))),
+            "masked_photo_misses": int(pairs["misses"]), "detector": str(pairs["detector"]),
+            "data": "celeba_test split train (training pool identities)",
+            "train_data": [{"name": "celeba_test", "split": "train"}]}
+
+
+def route_map_command(args) -> None:
+    from edge_mfr.models.package import load_package
+    from edge_mfr.models.route_map import fit_ridge, select_alpha, with_masked_route
+
+    package = load_package(args.model)
+    pairs = route_pairs_for(args, package)
     alpha, trials = select_alpha(pairs["clean"], pairs["masked"], pairs["identities"])
     weight, bias = fit_ridge(pairs["masked"], pairs["clean"], alpha)
-    provenance = {"alpha": alpha, "alpha_selection": trials, "pairs": int(len(pairs["clean"])),
-                  "identities": int(len(np.unique(pairs["identities"]))), "masked_photo_misses": int(pairs["misses"]),
-                  "detector": str(pairs["detector"]), "data": "celeba_test split train (training pool identities)",
-                  "train_data": [{"name": "celeba_test", "split": "train"}]}
+    provenance = {"alpha": alpha, "alpha_selection": trials, **pairs_provenance(pairs)}
     routed = with_masked_route(package, weight, bias, args.out, args.name, provenance)
     for trial in trials:
         print(f"alpha {trial['alpha']}: identity-disjoint clean-vs-masked TPR@FMR1e-3 {trial['tpr_um']:.4f}")
     print(f"wrote {routed.onnx_path} ({routed.fingerprint[:12]}): alpha {alpha}, {provenance['pairs']} pairs")
+
+
+def route_metric_command(args) -> None:
+    from edge_mfr.models.package import load_package
+    from edge_mfr.models.route_metric import fit_mask_whitening, select_strength, with_masked_metric
+
+    package = load_package(args.model)
+    if args.drop:
+        plain = with_masked_metric(package, None, args.out, args.name, {})
+        print(f"wrote {plain.onnx_path} ({plain.fingerprint[:12]}) without a masked-route metric")
+        return
+    pairs = route_pairs_for(args, package)
+    strength, trials = select_strength(pairs["clean"], pairs["masked"], pairs["identities"])
+    weight = fit_mask_whitening(pairs["clean"], pairs["masked"], strength)
+    provenance = {"strength": strength, "strength_selection": trials, **pairs_provenance(pairs)}
+    scored = with_masked_metric(package, weight, args.out, args.name, provenance)
+    for trial in trials:
+        print(f"strength {trial['strength']}: identity-disjoint clean-vs-masked TPR@FMR1e-3 {trial['tpr_um']:.4f}")
+    print(f"wrote {scored.onnx_path} ({scored.fingerprint[:12]}): strength {strength}, {provenance['pairs']} pairs; "
+          f"recalibrate its thresholds with `edge-mfr calibrate`")
 
 
 if __name__ == "__main__":
