@@ -149,6 +149,21 @@ def test_end_to_end_on_real_lfw_pairs(tmp_path, lfw_subset, model_package, masks
     for first, second in zip(result["results"], again["results"]):
         assert [p["score"] for p in first["pairs"]] == [p["score"] for p in second["pairs"]]
 
+    # A package with a masked-route scoring metric: the same embeddings (same fingerprint: all from the cache);
+    # comparisons with a masked face are scored through the metric, clean ones as before.
+    from edge_mfr.models.route_metric import with_masked_metric
+
+    d = model_package.embedding_size
+    weight = np.eye(d, dtype=np.float32) + 0.2 * np.random.default_rng(0).normal(size=(d, d)).astype(np.float32)
+    scored = with_masked_metric(model_package, weight, tmp_path / "scored.onnx", "scored", {})
+    metric = evaluate_pairs(pair_set, [scored], scenarios=["uu", "um"], mask_family="template", seed=0,
+                            cache_dir=cache, n_resamples=0, progress=False)
+    assert metric["images"]["masked"]["cache_hits"] == metric["images"]["masked"]["n_images"]
+    plain_uu, plain_um = ([p["score"] for p in r["pairs"]] for r in result["results"][:2])
+    metric_uu, metric_um = ([p["score"] for p in r["pairs"]] for r in metric["results"])
+    assert metric_uu == plain_uu
+    assert all(abs(a - b) > 1e-4 for a, b in zip(metric_um, plain_um) if a is not None)
+
     # Touching one image invalidates only its own cache entries.
     touched = pair_set.pairs[1].first
     os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 1_000_000_000))
