@@ -28,6 +28,7 @@ from edge_mfr.errors import InputError
 from edge_mfr.eval import metrics
 from edge_mfr.eval.pairs import IMAGE_EXTENSIONS
 from edge_mfr.eval.runner import SCENARIO_VARIANTS, EmbeddingExtractor
+from edge_mfr.match import scoring_space
 
 DEFAULT_TARGETS = (1e-3, 1e-4, 1e-5)
 DEFAULT_SCENARIOS = ("uu", "um")
@@ -212,6 +213,9 @@ def calibrate(package, images: list[LabelledImage], dataset, targets=DEFAULT_TAR
         probe = extracted[probe_masked].embeddings[0]
         # An image enters a scenario only when every variant it is used in was embedded.
         usable = np.isfinite(reference).all(axis=1) & np.isfinite(probe).all(axis=1)
+        # A comparison with a masked face is scored as the masked route scores it (its metric, if any).
+        weight = extractor.models[0].package.route_metric("masked") if reference_masked or probe_masked else None
+        reference, probe = scoring_space(reference, weight), scoring_space(probe, weight)
         identities = identities_all[usable]
         symmetric = reference_masked == probe_masked
         n_impostor = _impostor_count(identities, symmetric)
