@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -10,6 +11,7 @@ from .errors import InputError
 
 AGGREGATIONS = ("max", "mean")
 ROUTES = ("unmasked", "masked")  # the quality gate's mask estimate of a probe
+TEMPLATE_CACHE_ROWS = 200_000  # cached template statistics per route scoring (about 15 MB)
 
 
 def route_rows(masked: np.ndarray, route: str) -> np.ndarray:
@@ -39,6 +41,78 @@ def scoring_space(vectors: np.ndarray, weight: np.ndarray | None) -> np.ndarray:
     return projected / np.maximum(np.linalg.norm(projected, axis=-1, keepdims=True), 1e-12)
 
 
+@dataclass(frozen=True)
+class RouteScoring:
+    """How one probe route compares probes with templates (`ModelPackage.route_scoring`).
+
+    `weight`: the route's metric (`scoring_space`), or None. `cohort`: L2-normalised embeddings of people who
+    are neither enrolled nor probing (the package's score-normalisation cohort), or None for raw cosine. With a
+    cohort a cosine s between probe p and template t becomes adaptive symmetric normalisation (AS-norm):
+    0.5 * ((s - mean_t) / std_t + (s - mean_p) / std_p), the mean and std of each side's `top_k` highest
+    cosines with the cohort. It puts every template and probe on the scale of its own impostor scores, so one
+    threshold holds for people whose faces draw high impostor scores and for those who draw low ones.
+    """
+
+    weight: np.ndarray | None = None
+    cohort: np.ndarray | None = None
+    top_k: int = 100
+    # Per template (keyed by a digest of its row in the route's space): its cohort mean and std. A gallery's
+    # templates are scored again and again; their statistics are computed once (bounded: cleared when full).
+    _template_cache: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self):
+        if self.cohort is not None:
+            if len(self.cohort) <= self.top_k:
+                raise InputError(f"a score-normalisation cohort needs more than top_k={self.top_k} embeddings, "
+                                 f"got {len(self.cohort)}")
+            object.__setattr__(self, "cohort", scoring_space(self.cohort, self.weight))
+
+    def _impostor_stats(self, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        top = -np.partition(-(vectors @ self.cohort.T), self.top_k - 1, axis=1)[:, :self.top_k]
+        return top.mean(axis=1), np.maximum(top.std(axis=1), 1e-6)
+
+    def _template_stats(self, templates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        keys = [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in templates]
+        missing = [i for i, key in enumerate(keys) if key not in self._template_cache]
+        if missing:
+            mean, std = self._impostor_stats(templates[missing])
+            if len(self._template_cache) + len(missing) > TEMPLATE_CACHE_ROWS:
+                self._template_cache.clear()
+            self._template_cache.update((keys[i], (m, s)) for i, m, s in zip(missing, mean, std))
+        stats = np.array([self._template_cache[key] for key in keys], dtype=np.float32).reshape(-1, 2)
+        return stats[:, 0], stats[:, 1]
+
+    def scores(self, probes: np.ndarray, templates: np.ndarray) -> np.ndarray:
+        """(P, D) probes x (T, D) templates -> (P, T) scores."""
+        probes, templates = scoring_space(probes, self.weight), scoring_space(templates, self.weight)
+        if probes.ndim != 2 or templates.ndim != 2 or probes.shape[1] != templates.shape[1]:
+            raise InputError(f"probes (P, D) and templates (T, D) disagree: {probes.shape} vs {templates.shape}")
+        raw = probes @ templates.T
+        if self.cohort is None or raw.size == 0:
+            return raw
+        probe_mean, probe_std = self._impostor_stats(probes)
+        template_mean, template_std = self._template_stats(templates)
+        return 0.5 * ((raw - template_mean[None]) / template_std[None] + (raw - probe_mean[:, None]) / probe_std[:, None])
+
+    def pair_scores(self, first: np.ndarray, second: np.ndarray) -> np.ndarray:
+        """Row-wise scores of (N, D) pairs; NaN where either row is NaN (a failed image)."""
+        first = np.asarray(scoring_space(first, self.weight) if self.weight is not None else first, np.float64)
+        second = np.asarray(scoring_space(second, self.weight) if self.weight is not None else second, np.float64)
+        raw = np.sum(first * second, axis=1) / (np.linalg.norm(first, axis=1) * np.linalg.norm(second, axis=1))
+        if self.cohort is None:
+            return raw
+        ok = np.isfinite(raw)
+        out = np.full(raw.shape, np.nan, dtype=np.float64)
+        if ok.any():
+            first_mean, first_std = self._impostor_stats(first[ok].astype(np.float32))
+            second_mean, second_std = self._impostor_stats(second[ok].astype(np.float32))
+            out[ok] = 0.5 * ((raw[ok] - first_mean) / first_std + (raw[ok] - second_mean) / second_std)
+        return out
+
+
+PLAIN = RouteScoring()
+
+
 def cosine_scores(probe: np.ndarray, templates: np.ndarray) -> np.ndarray:
     """Scores of one L2-normalised probe (D,) against templates (T, D)."""
     probe = np.asarray(probe, np.float32)
@@ -63,15 +137,16 @@ class Candidate:
     score: float
 
 
-def rank_users(probe: np.ndarray, row_users: list[str], templates: np.ndarray, method: str = "max") -> list[Candidate]:
-    """All users ranked by aggregated score, best first (1:N identification)."""
+def rank_users(probe: np.ndarray, row_users: list[str], templates: np.ndarray, method: str = "max",
+               scoring: RouteScoring = PLAIN) -> list[Candidate]:
+    """All users ranked by aggregated score, best first (1:N identification); `scoring`: the probe route's."""
     if len(row_users) != len(templates):
         raise InputError("one user name per template row is required")
     if len(templates) == 0:
         return []
     if method not in AGGREGATIONS:
         raise InputError(f"aggregation must be one of {AGGREGATIONS}, got {method!r}")
-    scores = cosine_scores(probe, templates)
+    scores = cosine_scores(probe, templates) if scoring is PLAIN else scoring.scores(probe[None], templates)[0]
     # One pass over the templates, grouped by user (a per-user mask would cost users x templates).
     users, first_row, group = np.unique(np.asarray(row_users), return_index=True, return_inverse=True)
     if method == "max":

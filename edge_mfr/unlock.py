@@ -17,7 +17,7 @@ from .detect import DEFAULT_DETECTOR, Detection, get_detector
 from .embed import FaceEmbedder
 from .errors import GalleryError, InputError, QualityError
 from .gallery import Gallery, RollbackCounter
-from .match import AGGREGATIONS, ROUTES, Candidate, aggregate, cosine_scores, rank_users, scoring_space
+from .match import AGGREGATIONS, ROUTES, Candidate, RouteScoring, aggregate, rank_users
 from .models.package import ModelPackage
 from .quality import QualityPolicy, QualityReport, assess
 
@@ -157,6 +157,7 @@ class FaceUnlock:
         self.thresholds = {route: self.embedder.package.threshold_for(fmr, aggregation, route)
                            for route in ("unmasked", "masked")}
         self.threshold = max(self.thresholds.values())
+        self._scoring: dict[str, RouteScoring] = {}  # per route, read from the package on first use
         self.fmr = fmr
         self.aggregation = aggregation
         self.enroll_policy = enroll_policy or QualityPolicy.enroll()
@@ -284,11 +285,13 @@ class FaceUnlock:
         """The probe's route: masked when the quality gate judges the face masked."""
         return "masked" if cap.quality.masked else "unmasked"
 
-    def in_scoring_space(self, cap: Capture, templates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The probe and the templates it meets as its route compares them: through the package's scoring
-        metric where that route has one (a masked-route metric whitens what a mask changes), else as stored."""
-        weight = self.embedder.package.route_metric(self.route_of(cap))
-        return scoring_space(cap.embedding[None], weight)[0], scoring_space(templates, weight)
+    def scoring_of(self, cap: Capture) -> RouteScoring:
+        """How the probe's route compares it with templates: the package's metric for that route (a masked-route
+        metric whitens what a mask changes) and its score-normalisation cohort, where it has them."""
+        route = self.route_of(cap)
+        if route not in self._scoring:
+            self._scoring[route] = self.embedder.package.route_scoring(route)
+        return self._scoring[route]
 
     def threshold_for(self, cap: Capture) -> float:
         """The threshold of the probe's route."""
@@ -304,7 +307,8 @@ class FaceUnlock:
         if refusal:
             return refusal
         start = time.perf_counter()
-        score = aggregate(cosine_scores(*self.in_scoring_space(cap, by_route[self.route_of(cap)])), self.aggregation)
+        score = aggregate(self.scoring_of(cap).scores(cap.embedding[None], by_route[self.route_of(cap)])[0],
+                          self.aggregation)
         latency = dict(cap.latency_ms, match=(time.perf_counter() - start) * 1e3)
         threshold = self.threshold_for(cap)
         accepted = score >= threshold
@@ -326,8 +330,7 @@ class FaceUnlock:
             return refusal
         names, templates = gallery.all_templates(self.route_of(cap))
         start = time.perf_counter()
-        probe, templates = self.in_scoring_space(cap, templates)
-        ranked = rank_users(probe, names, templates, self.aggregation)
+        ranked = rank_users(cap.embedding, names, templates, self.aggregation, self.scoring_of(cap))
         latency = dict(cap.latency_ms, match=(time.perf_counter() - start) * 1e3)
         if not ranked:
             return Decision(False, "gallery is empty", None, None, self.threshold, self.fmr, source, cap.faces_found,

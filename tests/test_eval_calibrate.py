@@ -12,7 +12,6 @@ from edge_mfr.cli import main as cli_main
 from edge_mfr.eval.calibrate import (calibrate, check_not_trained_on, read_labelled_images, training_overlap_warnings,
                                      write_thresholds)
 from edge_mfr.eval.runner import EmbeddingExtractor
-from edge_mfr.match import scoring_space
 
 TARGETS = (0.1, 0.01, 0.001)
 
@@ -69,12 +68,14 @@ def test_calibration_matches_brute_force_and_is_written(tmp_path, celeba_subset,
 
     identities = np.array([im.identity for im in images])
     a_uu, ids_uu = unit(plain.embeddings[0][plain_ok]), identities[plain_ok]
-    # U-M pairs are scored as the masked route scores them: through the package's masked-route metric, if any.
-    weight = package_copy.route_metric("masked")
-    a_um, b_um, ids_um = (scoring_space(unit(plain.embeddings[0][both_ok]), weight),
-                          scoring_space(unit(masked.embeddings[0][both_ok]), weight), identities[both_ok])
-    uu_impostors = (a_uu @ a_uu.T)[np.triu(ids_uu[:, None] != ids_uu[None, :], k=1)]
-    um_impostors = (a_um @ b_um.T)[ids_um[:, None] != ids_um[None, :]]
+    # Each scenario scored as its route scores it: U-U as the unmasked route, U-M as the masked one (the
+    # package's metric and score-normalisation cohort, where it has them).
+    a_um, b_um, ids_um = (unit(plain.embeddings[0][both_ok]), unit(masked.embeddings[0][both_ok]),
+                          identities[both_ok])
+    uu_scores = package_copy.route_scoring("unmasked").scores(a_uu, a_uu)
+    um_scores = package_copy.route_scoring("masked").scores(a_um, b_um)
+    uu_impostors = uu_scores[np.triu(ids_uu[:, None] != ids_uu[None, :], k=1)]
+    um_impostors = um_scores[ids_um[:, None] != ids_um[None, :]]
     assert uu["n_impostor"] == uu_impostors.size and um["n_impostor"] == um_impostors.size
     # 100-1000 impostors: 10% supported, 1% marginal, 0.1% not supported.
     assert 100 <= uu_impostors.size < 1000 and 100 <= um_impostors.size < 1000

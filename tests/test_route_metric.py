@@ -1,5 +1,5 @@
-"""Masked-route scoring metric: the closed-form whitening, its selection, the package entry (outside the
-fingerprint), and calibration scoring masked-route attempts through it."""
+"""Scoring heads: the masked-route metric (closed-form whitening, its selection), the score-normalisation cohort
+(AS-norm), their package entries (outside the fingerprint), and calibration scoring attempts through them."""
 from __future__ import annotations
 
 import json
@@ -9,9 +9,10 @@ import pytest
 
 from edge_mfr.errors import InputError, ModelPackageError
 from edge_mfr.eval.unlock_calibration import attempt_scores
-from edge_mfr.match import scoring_space
+from edge_mfr.match import RouteScoring, scoring_space
 from edge_mfr.models.package import load_package
-from edge_mfr.models.route_metric import fit_mask_whitening, select_strength, with_masked_metric
+from edge_mfr.models.route_metric import (fit_mask_whitening, select_strength, with_masked_metric,
+                                         with_score_cohort)
 
 
 def _pairs(seed=0, identities=80, per_identity=3, d=16):
@@ -86,10 +87,58 @@ def test_calibration_scores_masked_route_attempts_through_the_metric():
     templates = {name: (unit(3), np.array([False, True, True])) for name in ("a", "b")}
     probes = [("a", unit(1)[0], "masked"), ("b", unit(1)[0], "unmasked")]
     weight = rng.normal(size=(d, d)).astype(np.float32)
-    genuine, impostor = attempt_scores(templates, probes, "max", {"masked": weight})
+    genuine, impostor = attempt_scores(templates, probes, "max", {"masked": RouteScoring(weight)})
     unmasked_b = float(np.max(templates["b"][0][:1] @ probes[1][1]))  # unmasked templates only, plain cosine
     masked_a = float(np.max(scoring_space(templates["a"][0], weight) @ scoring_space(probes[0][1][None], weight)[0]))
     np.testing.assert_allclose(sorted(genuine), sorted([masked_a, unmasked_b]), atol=1e-5)
     plain, _ = attempt_scores(templates, probes, "max")
     assert not np.allclose(sorted(plain), sorted(genuine))
     assert len(impostor) == 2
+
+
+def _unit(rng, n, d):
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_as_norm_puts_each_side_on_the_scale_of_its_top_cohort_scores():
+    rng = np.random.default_rng(4)
+    cohort, probes, templates = _unit(rng, 300, 8), _unit(rng, 5, 8), _unit(rng, 7, 8)
+    scoring = RouteScoring(None, cohort, top_k=20)
+
+    def stats(x):
+        top = np.sort(x @ cohort.T, axis=1)[:, -20:]
+        return top.mean(1), top.std(1)
+
+    (pm, ps), (tm, ts) = stats(probes), stats(templates)
+    raw = probes @ templates.T
+    expected = 0.5 * ((raw - tm[None]) / ts[None] + (raw - pm[:, None]) / ps[:, None])
+    np.testing.assert_allclose(scoring.scores(probes, templates), expected, rtol=1e-4, atol=1e-4)
+    first, second = probes.copy(), templates[:5].copy()
+    first[2] = np.nan  # a failed image stays unscored
+    pairs = scoring.pair_scores(first, second)
+    assert np.isnan(pairs[2])
+    keep = [0, 1, 3, 4]
+    np.testing.assert_allclose(pairs[keep], np.diag(scoring.scores(probes, templates[:5]))[keep], rtol=1e-4, atol=1e-4)
+    with pytest.raises(InputError, match="more than top_k"):
+        RouteScoring(None, cohort[:20], top_k=20)
+
+
+def test_cohort_package_keeps_the_fingerprint_and_feeds_both_routes(tmp_path, model_package):
+    rng = np.random.default_rng(5)
+    d = model_package.embedding_size
+    clean, masked = _unit(rng, 150, d), _unit(rng, 120, d)
+    package = with_score_cohort(model_package, clean, masked, 50, tmp_path / "cohort.onnx", "cohort",
+                                {"train_data": [{"name": "celeba_test", "split": "train"}]})
+    loaded = load_package(package.onnx_path)
+    assert loaded.fingerprint == model_package.fingerprint and not loaded.meta.get("thresholds")
+    np.testing.assert_allclose(loaded.score_cohort("unmasked"), clean, atol=1e-3)  # stored as float16
+    assert loaded.score_cohort("masked").shape == (270, d)
+    assert loaded.route_scoring("masked").top_k == 50
+    with pytest.raises(InputError, match="N > top_k"):
+        with_score_cohort(model_package, clean[:40], masked, 50, tmp_path / "small.onnx", "small", {})
+    meta = json.loads(loaded.sidecar_path.read_text())
+    meta["scoring"]["cohort"]["clean"]["shape"] = [150, d - 1]  # bytes and shape disagree
+    loaded.sidecar_path.write_text(json.dumps(meta))
+    with pytest.raises(ModelPackageError, match="cohort"):
+        load_package(package.onnx_path)

@@ -86,10 +86,9 @@ def test_genuine_unlocks_masked_genuine_outranks_every_impostor_and_others_are_r
 
 def test_a_probe_is_scored_against_the_templates_of_its_route(enrolled):
     """An unmasked probe meets alice's unmasked templates only, a masked one all of them (match.route_rows),
-    each compared as its route's scoring metric says (the bundled teacher whitens what a mask changes)."""
+    each compared as its route's scoring says (the bundled teacher whitens what a mask changes and normalises
+    scores against a cohort)."""
     import numpy as np
-
-    from edge_mfr.match import scoring_space
 
     unlock, _, _ = enrolled
     gallery = unlock.gallery()
@@ -100,11 +99,11 @@ def test_a_probe_is_scored_against_the_templates_of_its_route(enrolled):
         cap = unlock.capture(picture, unlock.verify_policy)
         assert unlock.route_of(cap) == route
         rows = everything if route == "masked" else everything[~masked_flags]
-        weight = unlock.package.route_metric(route)
-        expected = scoring_space(rows, weight) @ scoring_space(cap.embedding[None], weight)[0]
+        scoring = unlock.package.route_scoring(route)
+        expected = scoring.scores(cap.embedding[None], rows)[0]
         decision = unlock.verify("alice", picture)
-        assert decision.score == pytest.approx(float(np.max(expected)), abs=1e-5)
-        if weight is not None:  # the metric is really applied, not plain cosine
+        assert decision.score == pytest.approx(float(np.max(expected)), abs=1e-4)
+        if scoring.cohort is not None or scoring.weight is not None:  # really applied, not plain cosine
             assert abs(decision.score - float(np.max(rows @ cap.embedding))) > 1e-3
     assert masked_flags.any() and not masked_flags.all()
 

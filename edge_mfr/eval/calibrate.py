@@ -28,7 +28,7 @@ from edge_mfr.errors import InputError
 from edge_mfr.eval import metrics
 from edge_mfr.eval.pairs import IMAGE_EXTENSIONS
 from edge_mfr.eval.runner import SCENARIO_VARIANTS, EmbeddingExtractor
-from edge_mfr.match import scoring_space
+from edge_mfr.match import PLAIN, RouteScoring
 
 DEFAULT_TARGETS = (1e-3, 1e-4, 1e-5)
 DEFAULT_SCENARIOS = ("uu", "um")
@@ -144,10 +144,11 @@ def _normalised(embeddings: np.ndarray) -> np.ndarray:
 
 
 def all_pair_scores(reference: np.ndarray, probe: np.ndarray, identities: np.ndarray, symmetric: bool,
-                    keep_top: int) -> dict:
+                    keep_top: int, scoring: RouteScoring = PLAIN) -> dict:
     """Scores of every pair of distinct images: all genuine scores, and the `keep_top` highest impostor
     scores with the impostor count, mean and std. `symmetric`: reference and probe are the same variant,
-    so each unordered pair is counted once; otherwise every ordered pair (reference i, probe j), i != j."""
+    so each unordered pair is counted once; otherwise every ordered pair (reference i, probe j), i != j.
+    `scoring`: how the pairs' route compares faces (`ModelPackage.route_scoring`)."""
     reference, probe = _normalised(reference), _normalised(probe)
     n = len(reference)
     genuine: list[np.ndarray] = []
@@ -156,7 +157,7 @@ def all_pair_scores(reference: np.ndarray, probe: np.ndarray, identities: np.nda
     columns = np.arange(n)
     for start in range(0, n, _BLOCK_ROWS):
         rows = np.arange(start, min(start + _BLOCK_ROWS, n))
-        scores = reference[rows] @ probe.T
+        scores = scoring.scores(reference[rows], probe)
         distinct = columns[None, :] > rows[:, None] if symmetric else columns[None, :] != rows[:, None]
         same = identities[rows][:, None] == identities[None, :]
         genuine.append(scores[distinct & same])
@@ -214,13 +215,12 @@ def calibrate(package, images: list[LabelledImage], dataset, targets=DEFAULT_TAR
         # An image enters a scenario only when every variant it is used in was embedded.
         usable = np.isfinite(reference).all(axis=1) & np.isfinite(probe).all(axis=1)
         # A comparison with a masked face is scored as the masked route scores it (its metric, if any).
-        weight = extractor.models[0].package.route_metric("masked") if reference_masked or probe_masked else None
-        reference, probe = scoring_space(reference, weight), scoring_space(probe, weight)
+        scoring = extractor.models[0].scoring["masked" if reference_masked or probe_masked else "unmasked"]
         identities = identities_all[usable]
         symmetric = reference_masked == probe_masked
         n_impostor = _impostor_count(identities, symmetric)
         keep_top = min(max(int(np.floor(targets[0] * n_impostor + 1e-9)) + 1, 1), max(n_impostor, 1))
-        scores = all_pair_scores(reference[usable], probe[usable], identities, symmetric, keep_top)
+        scores = all_pair_scores(reference[usable], probe[usable], identities, symmetric, keep_top, scoring)
         genuine = scores["genuine"]
         entry = {
             "n_images": int(usable.sum()),

@@ -49,7 +49,7 @@ from edge_mfr.errors import InputError
 from edge_mfr.eval import metrics
 from edge_mfr.eval.pairs import PairSet
 from edge_mfr.eval.report import REPORT_FORMAT
-from edge_mfr.match import scoring_space
+from edge_mfr.match import ROUTES
 
 SCENARIOS = ("uu", "um", "mm")
 # Which variant (masked or not) each side of a pair uses: (reference, probe).
@@ -237,6 +237,7 @@ class _Model:
         self.package = package
         self.embedder = FaceEmbedder(package, threads=threads)
         meta = package.meta
+        self.scoring = {route: package.route_scoring(route) for route in ROUTES}
         self.cache_key = hashlib.sha256(
             f"{package.fingerprint}|{meta.get('input')}|{meta.get('alignment')}".encode()).hexdigest()
 
@@ -461,14 +462,6 @@ def _pipeline_digest(locator: FaceLocator) -> str:
     return _source_digest(*parts)
 
 
-def cosine_scores(first: np.ndarray, second: np.ndarray) -> np.ndarray:
-    """Row-wise cosine similarity; NaN where either row is NaN (a failed image)."""
-    first = np.asarray(first, dtype=np.float64)
-    second = np.asarray(second, dtype=np.float64)
-    norms = np.linalg.norm(first, axis=1) * np.linalg.norm(second, axis=1)
-    return np.sum(first * second, axis=1) / norms
-
-
 def _metrics(scores, labels, folds, n_resamples, seed):
     """Metrics of the scored pairs (NaN scores left out); None unless both classes remain."""
     scored = np.isfinite(scores)
@@ -523,12 +516,12 @@ def evaluate_pairs(pair_set: PairSet, packages, scenarios=("uu",), mask_family: 
                 index = np.array([rows[masked][getattr(p, attribute)] for p in pair_set.pairs], dtype=np.int64)
                 sides[side] = (embedded, index)
             (ref, ref_index), (probe, probe_index) = sides["reference"], sides["probe"]
-            # A comparison with a masked face is one an unlock makes on the masked route: its scoring metric.
-            weight = model.package.route_metric("masked") if any(SCENARIO_VARIANTS[scenario]) else None
-            scores = cosine_scores(scoring_space(ref.embeddings[model_index][ref_index], weight),
-                                   scoring_space(probe.embeddings[model_index][probe_index], weight))
-            counted = cosine_scores(scoring_space(ref.with_misses_counted(model_index)[ref_index], weight),
-                                    scoring_space(probe.with_misses_counted(model_index)[probe_index], weight))
+            # A comparison with a masked face is one an unlock makes on the masked route: scored as that route is.
+            scoring = model.scoring["masked" if any(SCENARIO_VARIANTS[scenario]) else "unmasked"]
+            scores = scoring.pair_scores(ref.embeddings[model_index][ref_index],
+                                         probe.embeddings[model_index][probe_index])
+            counted = scoring.pair_scores(ref.with_misses_counted(model_index)[ref_index],
+                                          probe.with_misses_counted(model_index)[probe_index])
             scored = np.isfinite(scores)
             missed = ref.misses[ref_index] | probe.misses[probe_index]
             failed_keys = {key for embedded, _ in sides.values() for failed in embedded.failures.values()

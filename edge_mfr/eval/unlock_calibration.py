@@ -33,7 +33,7 @@ from ..embed import FaceEmbedder
 from ..errors import InputError
 from ..io import load_image
 from ..masks import MASK_TYPES, apply_mask
-from ..match import AGGREGATIONS, ROUTES, route_rows, scoring_space
+from ..match import AGGREGATIONS, PLAIN, ROUTES, RouteScoring, route_rows
 from ..quality import QualityPolicy, assess
 from ..unlock import synthesize_masked_copies
 from . import metrics
@@ -91,34 +91,33 @@ def _embed_identity_sets(images: list[LabelledImage], embedder: FaceEmbedder, de
 
 
 def attempt_scores(templates: dict[str, tuple[np.ndarray, np.ndarray]], probes: list[tuple], aggregation: str,
-                   weights: dict | None = None):
+                   scoring: dict | None = None):
     """(genuine scores, impostor scores): every probe (identity, embedding, route) against every enrolled
     identity (templates, their masked flags), aggregated over the templates that `FaceUnlock` scores a probe
-    of that route against (`match.route_rows`), compared through each route's scoring metric in `weights`
-    (`ModelPackage.route_metric`) as `FaceUnlock.in_scoring_space` does."""
+    of that route against (`match.route_rows`), each route scored as `scoring[route]` says
+    (`ModelPackage.route_scoring`, as `FaceUnlock.scoring_of`; default plain cosine)."""
     if aggregation not in AGGREGATIONS:
         raise InputError(f"aggregation must be one of {AGGREGATIONS}")
     genuine, impostor = [], []
     for route in ROUTES:
         group = [p for p in probes if p[2] == route]
         if group:
-            weight = (weights or {}).get(route)
-            chosen = {i: scoring_space(rows[route_rows(flags, route)], weight) for i, (rows, flags) in templates.items()}
-            group = [(p[0], scoring_space(p[1][None], weight)[0], *p[2:]) for p in group]
-            g, imp = _aggregated_scores(chosen, group, aggregation)
+            chosen = {i: rows[route_rows(flags, route)] for i, (rows, flags) in templates.items()}
+            g, imp = _aggregated_scores(chosen, group, aggregation, (scoring or {}).get(route, PLAIN))
             genuine.append(g)
             impostor.append(imp)
     return np.concatenate(genuine), np.concatenate(impostor)
 
 
-def _aggregated_scores(templates: dict[str, np.ndarray], probes: list[tuple], aggregation: str):
+def _aggregated_scores(templates: dict[str, np.ndarray], probes: list[tuple], aggregation: str,
+                       scoring: RouteScoring = PLAIN):
     identities = sorted(templates)
     stacked = np.concatenate([templates[i] for i in identities])
     starts = np.cumsum([0] + [len(templates[i]) for i in identities[:-1]])
     counts = np.array([len(templates[i]) for i in identities])
     probe_ids = np.array([p[0] for p in probes])
     probe_matrix = np.stack([p[1] for p in probes])
-    scores = probe_matrix @ stacked.T
+    scores = scoring.scores(probe_matrix, stacked)
     if aggregation == "max":
         per_identity = np.maximum.reduceat(scores, starts, axis=1)
     else:
@@ -144,17 +143,17 @@ def calibrate_unlock(package, images: list[LabelledImage], dataset, targets=(1e-
     if len(templates) < 2 or not probes["unmasked"]:
         raise InputError("calibration needs at least 2 identities with more images than enrollment uses")
     thresholds, evidence = {}, {}
-    weights = {route: embedder.package.route_metric(route) for route in ROUTES}
+    scoring = {route: embedder.package.route_scoring(route) for route in ROUTES}
     all_probes = probes["unmasked"] + probes["masked"]
     routed = {route: [p for p in all_probes if p[2] == route] for route in ROUTES}
     for aggregation in aggregations:
         thresholds[aggregation] = {"all": {}, **{route: {} for route in ROUTES}}
         evidence[aggregation] = {}
-        per_route = {route: attempt_scores(templates, routed[route], aggregation, weights)
+        per_route = {route: attempt_scores(templates, routed[route], aggregation, scoring)
                      for route in ROUTES if routed[route]}
         # What people feel: each drawn variant's attempts, whichever route the gate sent them to, judged by
         # that route's threshold (the routes' scores need not share a scale: a route may have its own metric).
-        per_variant = {v: {r: attempt_scores(templates, group, aggregation, weights)
+        per_variant = {v: {r: attempt_scores(templates, group, aggregation, scoring)
                            for r in ROUTES if (group := [p for p in probes[v] if p[2] == r])}
                        for v in PROBE_VARIANTS}
         for target in sorted(targets, reverse=True):

@@ -8,6 +8,8 @@ one model are never compared with another model's.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 from dataclasses import dataclass
@@ -147,6 +149,23 @@ class ModelPackage:
         entry = (self.meta.get("scoring") or {}).get(route)
         return None if entry is None else np.asarray(entry["weight"], np.float32)
 
+    def score_cohort(self, route: str) -> np.ndarray | None:
+        """The score-normalisation cohort of a route (clean cohort faces; the masked route adds masked ones),
+        or None (edge_mfr.models.route_metric.with_score_cohort)."""
+        entry = (self.meta.get("scoring") or {}).get("cohort")
+        if entry is None:
+            return None
+        parts = ["clean"] + (["masked"] if route == "masked" else [])
+        return np.concatenate([decode_array(entry[part]) for part in parts]).astype(np.float32)
+
+    def route_scoring(self, route: str):
+        """How a probe of this route is compared with templates: its metric and, where the package has one, the
+        score-normalisation cohort (`match.RouteScoring`)."""
+        from ..match import RouteScoring
+
+        entry = (self.meta.get("scoring") or {}).get("cohort") or {}
+        return RouteScoring(self.route_metric(route), self.score_cohort(route), int(entry.get("top_k", 100)))
+
     def summary(self) -> dict:
         return {
             "name": self.name,
@@ -184,6 +203,9 @@ def _validate_meta(meta: dict, where: Path) -> None:
     if embedding <= 0:
         raise ModelPackageError(f"{where}: embedding_size must be positive")
     for route, entry in (meta.get("scoring") or {}).items():
+        if route == "cohort":
+            _validate_cohort(entry, embedding, where)
+            continue
         try:
             weight = np.asarray(entry["weight"], float)
         except (KeyError, TypeError, ValueError) as exc:
@@ -191,6 +213,30 @@ def _validate_meta(meta: dict, where: Path) -> None:
         if weight.shape != (embedding, embedding) or not np.all(np.isfinite(weight)):
             raise ModelPackageError(f"{where}: the scoring metric of route {route!r} must be a finite "
                                     f"{embedding}x{embedding} matrix, got shape {weight.shape}")
+
+
+def encode_array(values: np.ndarray) -> dict:
+    """A float16 matrix as JSON: base64 of its little-endian bytes and its shape."""
+    values = np.ascontiguousarray(values, dtype="<f2")
+    return {"float16_base64": base64.b64encode(values.tobytes()).decode("ascii"), "shape": list(values.shape)}
+
+
+def decode_array(entry: dict) -> np.ndarray:
+    values = np.frombuffer(base64.b64decode(entry["float16_base64"], validate=True), dtype="<f2")
+    return values.reshape([int(n) for n in entry["shape"]])
+
+
+def _validate_cohort(entry: dict, embedding: int, where: Path) -> None:
+    try:
+        parts = {part: decode_array(entry[part]) for part in ("clean", "masked")}
+        top_k = int(entry["top_k"])
+    except (KeyError, TypeError, ValueError, binascii.Error) as exc:
+        raise ModelPackageError(f"{where}: malformed score-normalisation cohort ({exc})") from None
+    for part, values in parts.items():
+        if values.ndim != 2 or values.shape[1] != embedding or len(values) <= top_k \
+                or not np.all(np.isfinite(values)):
+            raise ModelPackageError(f"{where}: the {part} score-normalisation cohort must be finite (N, "
+                                    f"{embedding}) embeddings with N > top_k = {top_k}, got shape {values.shape}")
 
 
 def _check_graph(onnx_path: Path, meta: dict) -> None:

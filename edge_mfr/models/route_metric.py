@@ -1,4 +1,6 @@
-"""Masked-route scoring metric: how a probe on the masked route is compared with the templates it meets.
+"""Scoring heads fitted in closed form: the masked-route metric and the score-normalisation cohort.
+
+Masked-route metric: how a probe on the masked route is compared with the templates it meets.
 
 A mask moves a face's embedding along a few directions that have little to do with who the person is. A
 probe judged masked is therefore scored in a space where those directions are whitened away: both the probe
@@ -10,6 +12,11 @@ cosine. Unmasked-route probes are scored as before, so clean-to-clean behaviour 
 The metric changes no stored template (it is applied when scoring), so it lives in the sidecar's `scoring`
 entry, outside the fingerprint: a gallery enrolled before it was added stays valid. The masked route's
 thresholds must be recalibrated with it (`edge-mfr calibrate` applies it, as `FaceUnlock` does).
+
+Score-normalisation cohort: embeddings of people who are neither enrolled nor probing (deployed-path clean
+and masked faces of training identities), against which every probe and template is put on the scale of its
+own top impostor scores (adaptive symmetric normalisation, `match.RouteScoring`). Like the metric it changes
+no stored template; every threshold must be recalibrated with it.
 """
 from __future__ import annotations
 
@@ -19,7 +26,7 @@ import numpy as np
 
 from edge_mfr.errors import InputError
 from edge_mfr.match import scoring_space
-from edge_mfr.models.package import ModelPackage
+from edge_mfr.models.package import ModelPackage, encode_array
 from edge_mfr.models.route_map import clean_vs_masked_tpr, derived_package, identity_folds
 
 STRENGTHS = (0.03, 0.1, 0.3, 1.0, 3.0)
@@ -72,3 +79,21 @@ def with_masked_metric(package: ModelPackage, weight: np.ndarray | None, out_onn
     recipe = {"masked_route_metric": "fitted by edge_mfr.models.route_metric" if weight is not None else None}
     return derived_package(package, out_onnx, name, recipe, provenance if weight is not None else {},
                            scoring=scoring)
+
+
+def with_score_cohort(package: ModelPackage, clean: np.ndarray, masked: np.ndarray, top_k: int,
+                      out_onnx: str | Path, name: str, provenance: dict) -> ModelPackage:
+    """A copy of `package` (same graph, same fingerprint) that normalises scores against a cohort: `clean` and
+    `masked` (N, D) embeddings of training faces (the masked route uses both); thresholds must be recalibrated."""
+    clean, masked = np.asarray(clean, np.float32), np.asarray(masked, np.float32)
+    d = package.embedding_size
+    for part, values in (("clean", clean), ("masked", masked)):
+        if values.ndim != 2 or values.shape[1] != d or len(values) <= top_k:
+            raise InputError(f"the {part} cohort must be (N, {d}) embeddings with N > top_k = {top_k}, "
+                             f"got {values.shape}")
+    scoring = dict(package.meta.get("scoring") or {})
+    scoring["cohort"] = {"clean": encode_array(clean), "masked": encode_array(masked), "top_k": int(top_k),
+                         "method": "adaptive symmetric score normalisation (AS-norm) against the top_k cohort "
+                                   "cosines of each side", **provenance}
+    return derived_package(package, out_onnx, name, {"score_cohort": "edge_mfr.models.route_metric.with_score_cohort"},
+                           provenance, scoring=scoring)

@@ -66,6 +66,17 @@ def main(argv: list[str] | None = None) -> int:
     metric.add_argument("--drop", action="store_true", help="write a copy without any masked-route metric instead "
                         "(the baseline to compare with)")
 
+    cohort = commands.add_parser("score-cohort", help="give a package a score-normalisation cohort of deployed-path "
+                                 "training faces (AS-norm); write a copy (same graph and fingerprint)")
+    cohort.add_argument("--model", default="dlib_resnet_v1", help="package path or bundled name")
+    cohort.add_argument("--data", default=DEFAULT_DATA)
+    cohort.add_argument("--faces", type=int, default=4000, help="celeba_test train faces to draw the cohort from")
+    cohort.add_argument("--pairs", help=".npz cache of the (clean, masked) pairs (written when absent, reused when "
+                        "it matches)")
+    cohort.add_argument("--top-k", type=int, default=100, help="cohort scores per side that set its scale")
+    cohort.add_argument("--out", required=True, help="output .onnx of the copy")
+    cohort.add_argument("--name", required=True)
+
     args = parser.parse_args(argv)
     try:
         if args.command == "prepare":
@@ -100,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
             route_map_command(args)
         elif args.command == "route-metric":
             route_metric_command(args)
+        elif args.command == "score-cohort":
+            score_cohort_command(args)
         else:
             from edge_mfr.train.export import export_package
 
@@ -174,6 +187,18 @@ def route_metric_command(args) -> None:
         print(f"strength {trial['strength']}: identity-disjoint clean-vs-masked TPR@FMR1e-3 {trial['tpr_um']:.4f}")
     print(f"wrote {scored.onnx_path} ({scored.fingerprint[:12]}): strength {strength}, {provenance['pairs']} pairs; "
           f"recalibrate its thresholds with `edge-mfr calibrate`")
+
+
+def score_cohort_command(args) -> None:
+    from edge_mfr.models.package import load_package
+    from edge_mfr.models.route_metric import with_score_cohort
+
+    package = load_package(args.model)
+    pairs = route_pairs_for(args, package)
+    scored = with_score_cohort(package, pairs["clean"], pairs["masked"], args.top_k, args.out, args.name,
+                               pairs_provenance(pairs))
+    print(f"wrote {scored.onnx_path} ({scored.fingerprint[:12]}): a cohort of {len(pairs['clean'])} clean and "
+          f"{len(pairs['masked'])} masked faces, top {args.top_k}; recalibrate its thresholds with `edge-mfr calibrate`")
 
 
 if __name__ == "__main__":
