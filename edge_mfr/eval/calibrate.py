@@ -215,7 +215,8 @@ def calibrate(package, images: list[LabelledImage], dataset, targets=DEFAULT_TAR
         # An image enters a scenario only when every variant it is used in was embedded.
         usable = np.isfinite(reference).all(axis=1) & np.isfinite(probe).all(axis=1)
         # A comparison with a masked face is scored as the masked route scores it (its metric, if any).
-        scoring = extractor.models[0].scoring["masked" if reference_masked or probe_masked else "unmasked"]
+        scoring = extractor.models[0].package.route_scoring("masked" if reference_masked or probe_masked
+                                                            else "unmasked")
         identities = identities_all[usable]
         symmetric = reference_masked == probe_masked
         n_impostor = _impostor_count(identities, symmetric)

@@ -237,7 +237,6 @@ class _Model:
         self.package = package
         self.embedder = FaceEmbedder(package, threads=threads)
         meta = package.meta
-        self.scoring = {route: package.route_scoring(route) for route in ROUTES}
         self.cache_key = hashlib.sha256(
             f"{package.fingerprint}|{meta.get('input')}|{meta.get('alignment')}".encode()).hexdigest()
 
@@ -506,6 +505,7 @@ def evaluate_pairs(pair_set: PairSet, packages, scenarios=("uu",), mask_family: 
 
     labels = pair_set.labels
     folds = pair_set.folds
+    scorings = [{route: m.package.route_scoring(route) for route in ROUTES} for m in extractor.models]
     results = []
     for model_index, model in enumerate(extractor.models):
         for scenario in scenarios:
@@ -517,7 +517,7 @@ def evaluate_pairs(pair_set: PairSet, packages, scenarios=("uu",), mask_family: 
                 sides[side] = (embedded, index)
             (ref, ref_index), (probe, probe_index) = sides["reference"], sides["probe"]
             # A comparison with a masked face is one an unlock makes on the masked route: scored as that route is.
-            scoring = model.scoring["masked" if any(SCENARIO_VARIANTS[scenario]) else "unmasked"]
+            scoring = scorings[model_index]["masked" if any(SCENARIO_VARIANTS[scenario]) else "unmasked"]
             scores = scoring.pair_scores(ref.embeddings[model_index][ref_index],
                                          probe.embeddings[model_index][probe_index])
             counted = scoring.pair_scores(ref.with_misses_counted(model_index)[ref_index],
