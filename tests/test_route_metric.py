@@ -135,6 +135,8 @@ def test_cohort_package_keeps_the_fingerprint_and_feeds_both_routes(tmp_path, mo
     np.testing.assert_allclose(loaded.score_cohort("unmasked"), clean, atol=1e-3)  # stored as float16
     assert loaded.score_cohort("masked").shape == (270, d)
     assert loaded.route_scoring("masked").top_k == 50
+    plain = with_score_cohort(loaded, None, None, 50, tmp_path / "plain.onnx", "plain", {})
+    assert plain.score_cohort("masked") is None and "score_cohort" not in plain.meta["recipe"]
     with pytest.raises(InputError, match="N > top_k"):
         with_score_cohort(model_package, clean[:40], masked, 50, tmp_path / "small.onnx", "small", {})
     meta = json.loads(loaded.sidecar_path.read_text())

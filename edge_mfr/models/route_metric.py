@@ -81,19 +81,22 @@ def with_masked_metric(package: ModelPackage, weight: np.ndarray | None, out_onn
                            scoring=scoring)
 
 
-def with_score_cohort(package: ModelPackage, clean: np.ndarray, masked: np.ndarray, top_k: int,
+def with_score_cohort(package: ModelPackage, clean: np.ndarray | None, masked: np.ndarray | None, top_k: int,
                       out_onnx: str | Path, name: str, provenance: dict) -> ModelPackage:
     """A copy of `package` (same graph, same fingerprint) that normalises scores against a cohort: `clean` and
-    `masked` (N, D) embeddings of training faces (the masked route uses both); thresholds must be recalibrated."""
-    clean, masked = np.asarray(clean, np.float32), np.asarray(masked, np.float32)
-    d = package.embedding_size
-    for part, values in (("clean", clean), ("masked", masked)):
-        if values.ndim != 2 or values.shape[1] != d or len(values) <= top_k:
-            raise InputError(f"the {part} cohort must be (N, {d}) embeddings with N > top_k = {top_k}, "
-                             f"got {values.shape}")
-    scoring = dict(package.meta.get("scoring") or {})
-    scoring["cohort"] = {"clean": encode_array(clean), "masked": encode_array(masked), "top_k": int(top_k),
-                         "method": "adaptive symmetric score normalisation (AS-norm) against the top_k cohort "
-                                   "cosines of each side", **provenance}
-    return derived_package(package, out_onnx, name, {"score_cohort": "edge_mfr.models.route_metric.with_score_cohort"},
-                           provenance, scoring=scoring)
+    `masked` (N, D) embeddings of training faces (the masked route uses both); None: a copy without a cohort.
+    Thresholds must be recalibrated."""
+    scoring = {k: v for k, v in (package.meta.get("scoring") or {}).items() if k != "cohort"}
+    if clean is not None:
+        clean, masked = np.asarray(clean, np.float32), np.asarray(masked, np.float32)
+        d = package.embedding_size
+        for part, values in (("clean", clean), ("masked", masked)):
+            if values.ndim != 2 or values.shape[1] != d or len(values) <= top_k:
+                raise InputError(f"the {part} cohort must be (N, {d}) embeddings with N > top_k = {top_k}, "
+                                 f"got {values.shape}")
+        scoring["cohort"] = {"clean": encode_array(clean), "masked": encode_array(masked), "top_k": int(top_k),
+                             "method": "adaptive symmetric score normalisation (AS-norm) against the top_k cohort "
+                                       "cosines of each side", **provenance}
+    recipe = {"score_cohort": "edge_mfr.models.route_metric.with_score_cohort" if clean is not None else None}
+    return derived_package(package, out_onnx, name, recipe, provenance if clean is not None else {},
+                           scoring=scoring)

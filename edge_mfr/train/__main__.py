@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     cohort.add_argument("--top-k", type=int, default=100, help="cohort scores per side that set its scale")
     cohort.add_argument("--out", required=True, help="output .onnx of the copy")
     cohort.add_argument("--name", required=True)
+    cohort.add_argument("--drop", action="store_true", help="write a copy without a cohort instead")
 
     args = parser.parse_args(argv)
     try:
@@ -194,6 +195,10 @@ def score_cohort_command(args) -> None:
     from edge_mfr.models.route_metric import with_score_cohort
 
     package = load_package(args.model)
+    if args.drop:
+        plain = with_score_cohort(package, None, None, args.top_k, args.out, args.name, {})
+        print(f"wrote {plain.onnx_path} ({plain.fingerprint[:12]}) without a score-normalisation cohort")
+        return
     pairs = route_pairs_for(args, package)
     scored = with_score_cohort(package, pairs["clean"], pairs["masked"], args.top_k, args.out, args.name,
                                pairs_provenance(pairs))
