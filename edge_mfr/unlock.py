@@ -138,7 +138,7 @@ class FaceUnlock:
         passphrase: str | None = None,
         key_file: str | Path | None = None,
         fmr: float = DEFAULT_FMR,
-        aggregation: str = "max",
+        aggregation: str | None = None,
         detector=None,
         backend: str = "ort",
         threads: int | None = None,
@@ -150,9 +150,10 @@ class FaceUnlock:
         candidates_on_rejection: bool = False,
         rollback_counter: RollbackCounter | None = None,
     ):
+        self.embedder = FaceEmbedder(model, backend=backend, threads=threads)
+        aggregation = self.embedder.package.aggregation if aggregation is None else aggregation  # the package's
         if aggregation not in AGGREGATIONS:
             raise InputError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
-        self.embedder = FaceEmbedder(model, backend=backend, threads=threads)
         # One threshold per probe route: masked probes meet masked templates and need a stricter one.
         self.thresholds = {route: self.embedder.package.threshold_for(fmr, aggregation, route)
                            for route in ("unmasked", "masked")}

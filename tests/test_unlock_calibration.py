@@ -51,6 +51,7 @@ def test_unlock_calibration_on_real_faces_writes_per_aggregation_thresholds(tmp_
     result = calibrate_unlock(package, images, celeba, targets=(0.1, 1e-5), enroll_per_identity=2, progress=False)
     evidence = result["calibration"]["evidence"]
     assert set(result["thresholds"]) == {"max", "mean"}
+    assert result["aggregation"] in ("max", "mean") and "FMR 0.1" in result["calibration"]["aggregation_choice"]
     routed = result["calibration"]["n_routed"]
     assert routed["masked"] > 0 and routed["unmasked"] > 0  # the mask estimate sends probes both ways
     for aggregation in ("max", "mean"):
@@ -72,3 +73,21 @@ def test_unlock_calibration_on_real_faces_writes_per_aggregation_thresholds(tmp_
     assert reloaded.threshold_for(0.1, "mean", "masked") == pytest.approx(result["thresholds"]["mean"]["masked"]["0.1"])
     with pytest.raises(Exception, match="no calibrated threshold"):
         reloaded.threshold_for(1e-4)
+
+
+def test_the_preferred_aggregation_refuses_people_least_at_the_default_fmr():
+    from edge_mfr.eval.unlock_calibration import preferred_aggregation
+
+    def rows(unmasked, masked):
+        return {"drawn unmasked": {"fnmr": unmasked}, "drawn masked": {"fnmr": masked}}
+
+    evidence = {"max": {"0.001": rows(0.1, 0.4), "0.0001": rows(0.26, 0.64)},
+                "mean": {"0.001": rows(0.2, 0.5), "0.0001": rows(0.25, 0.63)}}
+    choice, why = preferred_aggregation(evidence)
+    assert choice == "mean" and "0.0001" in why and "mean 44.0%" in why
+    assert preferred_aggregation(evidence, target=1e-3)[0] == "max"
+    tie = {"max": {"0.0001": rows(0.3, 0.6)}, "mean": {"0.0001": rows(0.3, 0.6)}}
+    assert preferred_aggregation(tie)[0] == "max"
+    # an uncalibrated default target: the strictest supported one decides
+    assert preferred_aggregation({"max": {"0.001": rows(0.1, 0.2)}, "mean": {"0.001": rows(0.1, 0.3)}})[0] == "max"
+    assert preferred_aggregation({"max": {"0.1": {}}})[0] == "max"

@@ -229,6 +229,7 @@ def _calibrate_unlock(args, package, images) -> int:
     if args.dry_run:
         print(json.dumps(by_aggregation))
     else:
-        package.with_thresholds(by_aggregation["max"]["all"], info, by_aggregation)
+        package.with_thresholds(by_aggregation["max"]["all"], info, by_aggregation, result["aggregation"])
+        print(f"preferred aggregation: {result['aggregation']} ({info['aggregation_choice']})")
         print(f"wrote thresholds {json.dumps(by_aggregation)} into {package.sidecar_path}")
     return 0

@@ -126,8 +126,9 @@ def _common(parser, model: bool = True) -> None:
     if model:
         parser.add_argument("--model", help="model package (.onnx/.json/dir or bundled name); default: best bundled")
         parser.add_argument("--fmr", type=float, default=1e-4, help="target false match rate (default 1e-4)")
-        parser.add_argument("--aggregation", choices=("max", "mean"), default="max",
-                            help="score over a user's templates (default max)")
+        parser.add_argument("--aggregation", choices=("max", "mean"), default=None,
+                            help="score over a user's templates (default: the one the model's calibration "
+                                 "found best, else max)")
         parser.add_argument("--threads", type=_positive_int, default=None, help="ONNX Runtime intra-op threads")
 
 

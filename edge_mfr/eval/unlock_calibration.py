@@ -203,4 +203,24 @@ def calibrate_unlock(package, images: list[LabelledImage], dataset, targets=(1e-
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "edge_mfr_version": __version__,
     }
-    return {"thresholds": thresholds, "calibration": calibration}
+    aggregation, calibration["aggregation_choice"] = preferred_aggregation(evidence)
+    return {"thresholds": thresholds, "calibration": calibration, "aggregation": aggregation}
+
+
+def preferred_aggregation(evidence: dict, target: float = 1e-4) -> tuple[str, str]:
+    """The aggregation under which people, with and without a mask, are falsely refused least at `target`
+    (mean of the two drawn variants' FNMR at the route thresholds; the strictest supported target when
+    `target` was not calibrated), and why; max when nothing is comparable."""
+    rates = {}
+    for aggregation, per_target in evidence.items():
+        supported = [k for k, rows in per_target.items() if "drawn masked" in rows]
+        if not supported:
+            continue
+        key = str(float(target)) if str(float(target)) in supported else min(supported, key=float)
+        rows = per_target[key]
+        rates[aggregation] = (key, 0.5 * (rows["drawn unmasked"]["fnmr"] + rows["drawn masked"]["fnmr"]))
+    if not rates:
+        return "max", "no supported target to compare aggregations at"
+    best = min(rates, key=lambda a: (rates[a][1], a != "max"))  # ties keep max
+    why = ", ".join(f"{a} {100 * fnmr:.1f}%" for a, (_, fnmr) in sorted(rates.items()))
+    return best, f"mean FNMR of unmasked and masked people at FMR {rates[best][0]}: {why}"

@@ -120,10 +120,21 @@ class ModelPackage:
             f" (calibrated: {available}); run `edge-mfr calibrate` for it"
         )
 
+    @property
+    def aggregation(self) -> str:
+        """How a user's template scores become one score unless the caller says otherwise: the aggregation its
+        unlock calibration found best (sidecar `aggregation`), else max."""
+        return str(self.meta.get("aggregation", "max"))
+
     def with_thresholds(self, thresholds: dict[float | str, float], calibration: dict,
-                        by_aggregation: dict[str, dict[str, dict[str, float]]] | None = None) -> "ModelPackage":
-        """Write calibrated thresholds into the sidecar (the ONNX graph, and so the fingerprint, are unchanged)."""
+                        by_aggregation: dict[str, dict[str, dict[str, float]]] | None = None,
+                        aggregation: str | None = None) -> "ModelPackage":
+        """Write calibrated thresholds (and, from an unlock calibration, the preferred `aggregation`) into the
+        sidecar (the ONNX graph, and so the fingerprint, are unchanged)."""
         meta = dict(self.meta)
+        meta.pop("aggregation", None)
+        if aggregation is not None:
+            meta["aggregation"] = aggregation
         meta["thresholds"] = {repr(float(k)) if not isinstance(k, str) else k: float(v) for k, v in thresholds.items()}
         meta["calibration"] = calibration
         meta.pop("thresholds_by_aggregation", None)
