@@ -633,10 +633,12 @@ def compare_accuracy(pairs_file: Path, images_dir: Path, limit: int, detector: s
 
 
 def gallery_scaling(sizes, dim: int = 128, templates_per_user: int = TEMPLATES_PER_USER, repeats: int = 20,
-                    seed: int = 0, max_seconds_per_size: float = 10.0) -> list[dict]:
+                    seed: int = 0, max_seconds_per_size: float = 10.0, scoring=None) -> list[dict]:
     """Identify (1:N ranking) time against gallery size, for the product's `rank_users` and for an exact
     vectorised search (one matrix-vector product and a per-user max with np.maximum.reduceat) on the same
-    templates. Random unit templates: search time does not depend on their values."""
+    templates; with `scoring` (a `match.RouteScoring`, e.g. a package's masked route), also `rank_users`
+    through it, whose first search computes and caches each template's cohort statistics (`first_ms`).
+    Random unit templates: search time does not depend on their values."""
     from .match import rank_users
 
     rng = np.random.default_rng(seed)
@@ -648,9 +650,14 @@ def gallery_scaling(sizes, dim: int = 128, templates_per_user: int = TEMPLATES_P
         starts = np.arange(0, size, templates_per_user)
         probe = templates[0]
         row = {"templates": size, "users": len(starts)}
-        for name, search in (("rank_users", lambda: rank_users(probe, users, templates)),
-                             ("vectorised", lambda: np.maximum.reduceat(templates @ probe, starts).argmax())):
+        searches = [("rank_users", lambda: rank_users(probe, users, templates)),
+                    ("vectorised", lambda: np.maximum.reduceat(templates @ probe, starts).argmax())]
+        if scoring is not None:
+            searches.append(("rank_users_scoring", lambda: rank_users(probe, users, templates, "max", scoring)))
+        for name, search in searches:
+            start = time.perf_counter()
             search()
+            first_ms = (time.perf_counter() - start) * 1e3
             times, budget = [], time.perf_counter() + max_seconds_per_size
             for _ in range(repeats):
                 start = time.perf_counter()
@@ -659,7 +666,7 @@ def gallery_scaling(sizes, dim: int = 128, templates_per_user: int = TEMPLATES_P
                 if time.perf_counter() > budget:
                     break
             row[name] = {"p50_ms": float(np.median(times)), "p90_ms": float(np.percentile(times, 90)),
-                         "n": len(times)}
+                         "n": len(times), "first_ms": first_ms}
         out.append(row)
     return out
 

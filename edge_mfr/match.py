@@ -56,9 +56,11 @@ class RouteScoring:
     weight: np.ndarray | None = None
     cohort: np.ndarray | None = None
     top_k: int = 100
-    # Per template (keyed by a digest of its row in the route's space): its cohort mean and std. A gallery's
-    # templates are scored again and again; their statistics are computed once (bounded: cleared when full).
+    # A gallery's templates are scored again and again: their cohort statistics are computed once. Per template
+    # row (keyed by a digest of it in the route's space; bounded, cleared when full), and per whole template
+    # matrix (the last few), so an unchanged gallery costs one digest and an enrollment only its new rows.
     _template_cache: dict = field(default_factory=dict, compare=False, repr=False)
+    _matrix_cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
         if self.cohort is not None:
@@ -71,7 +73,18 @@ class RouteScoring:
         top = -np.partition(-(vectors @ self.cohort.T), self.top_k - 1, axis=1)[:, :self.top_k]
         return top.mean(axis=1), np.maximum(top.std(axis=1), 1e-6)
 
-    def _template_stats(self, templates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _templates_in_space(self, templates: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Stored templates -> (templates in the route's space, their cohort means, their cohort stds)."""
+        templates = np.ascontiguousarray(templates, np.float32)
+        matrix_key = (templates.shape, hashlib.blake2b(templates.tobytes(), digest_size=16).digest())
+        if matrix_key not in self._matrix_cache:
+            if len(self._matrix_cache) >= 4:
+                self._matrix_cache.pop(next(iter(self._matrix_cache)))
+            projected = scoring_space(templates, self.weight)
+            self._matrix_cache[matrix_key] = (projected, *self._row_stats(projected))
+        return self._matrix_cache[matrix_key]
+
+    def _row_stats(self, templates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         keys = [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in templates]
         missing = [i for i, key in enumerate(keys) if key not in self._template_cache]
         if missing:
@@ -84,14 +97,15 @@ class RouteScoring:
 
     def scores(self, probes: np.ndarray, templates: np.ndarray) -> np.ndarray:
         """(P, D) probes x (T, D) templates -> (P, T) scores."""
-        probes, templates = scoring_space(probes, self.weight), scoring_space(templates, self.weight)
+        probes, templates = np.asarray(probes, np.float32), np.asarray(templates, np.float32)
         if probes.ndim != 2 or templates.ndim != 2 or probes.shape[1] != templates.shape[1]:
             raise InputError(f"probes (P, D) and templates (T, D) disagree: {probes.shape} vs {templates.shape}")
+        probes = scoring_space(probes, self.weight)
+        if self.cohort is None or probes.size == 0 or templates.size == 0:
+            return probes @ scoring_space(templates, self.weight).T
+        templates, template_mean, template_std = self._templates_in_space(templates)
         raw = probes @ templates.T
-        if self.cohort is None or raw.size == 0:
-            return raw
         probe_mean, probe_std = self._impostor_stats(probes)
-        template_mean, template_std = self._template_stats(templates)
         return 0.5 * ((raw - template_mean[None]) / template_std[None] + (raw - probe_mean[:, None]) / probe_std[:, None])
 
     def pair_scores(self, first: np.ndarray, second: np.ndarray) -> np.ndarray:

@@ -88,8 +88,9 @@ def test_calibration_matches_brute_force_and_is_written(tmp_path, celeba_subset,
     for target in ("0.1", "0.01"):
         expected_uu = metrics.threshold_for_fmr(uu_impostors, float(target))
         expected_um = metrics.threshold_for_fmr(um_impostors, float(target))
-        assert uu["targets"][target]["threshold"] == pytest.approx(expected_uu, abs=1e-6)
-        assert um["targets"][target]["threshold"] == pytest.approx(expected_um, abs=1e-6)
+        # float32 scores; normalised ones are z-scores of a few units
+        assert uu["targets"][target]["threshold"] == pytest.approx(expected_uu, abs=1e-4)
+        assert um["targets"][target]["threshold"] == pytest.approx(expected_um, abs=1e-4)
         assert result["thresholds"][target] == max(uu["targets"][target]["threshold"],
                                                    um["targets"][target]["threshold"])
         assert np.mean(uu_impostors >= result["thresholds"][target]) <= float(target) + 1e-6
