@@ -466,3 +466,14 @@ def test_bind_address_rules():
     assert _allowed_hosts("127.0.0.1") == ("127.0.0.1", "localhost", "[::1]")
     assert _allowed_hosts("192.168.1.20")[0] == "192.168.1.20"
     assert _allowed_hosts("0.0.0.0") is None
+
+
+def test_a_failed_attempt_reports_the_frame_that_came_closest_with_its_own_threshold():
+    """Frames of one attempt may take different routes, whose scores live on different scales (the masked
+    route's metric): the reported best frame is the one nearest its own threshold, never a mix of two."""
+    from edge_mfr.kiosk.station import _Attempt
+
+    attempt = _Attempt()
+    for score, threshold in ((0.950, 0.9559), (0.985, 0.9894), (0.940, 0.9559)):
+        attempt.observe(score, threshold)
+    assert attempt.best == (0.985, 0.9894)  # 0.0044 short of its threshold; 0.985 >= 0.9559 would mislead

@@ -72,7 +72,12 @@ class _Enrollment:
 @dataclass
 class _Attempt:
     scored: int = 0
-    best_score: float | None = None
+    # The frame that came closest: its score and its route's threshold (routes score on different scales).
+    best: tuple[float, float] | None = None
+
+    def observe(self, score: float, threshold: float) -> None:
+        if self.best is None or score - threshold > self.best[0] - self.best[1]:
+            self.best = (score, threshold)
 
 
 @dataclass
@@ -350,7 +355,7 @@ class Station:
             return {}
         attempt = session.attempt
         attempt.scored += 1
-        attempt.best_score = max(decision.score, attempt.best_score or decision.score)
+        attempt.observe(decision.score, decision.threshold)
         result = {"accepted": decision.accepted, "user": decision.user, "score": round(decision.score, 4),
                   "threshold": round(decision.threshold, 4), "fmr": decision.fmr,
                   "route": "masked" if decision.quality and decision.quality.get("masked") else "unmasked",
@@ -360,7 +365,7 @@ class Station:
         elif attempt.scored < self.attempt_frames:
             return {"attempt": {"scored": attempt.scored, "of": self.attempt_frames}}
         else:
-            result["score"] = round(attempt.best_score, 4)
+            result["score"], result["threshold"] = (round(v, 4) for v in attempt.best)
             lock = self.state.record_failure("unlock")
             result["tries_left"] = lock.tries_left
             if lock.locked:
