@@ -204,3 +204,16 @@ def test_models_list_does_not_import_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "name" in result.stdout and "fingerprint" in result.stdout
+
+
+def test_cli_models_info_shows_route_thresholds_aggregation_and_scoring(capsys):
+    """A device team reads how the bundled default scores: per-route thresholds, the calibrated aggregation
+    and the masked route's metric."""
+    parser = argparse.ArgumentParser()
+    models_cli.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["models", "info", "dlib_resnet_v1"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "unmasked probes: FMR" in out and "masked probes:   FMR" in out
+    assert "aggregation:  max (mean FNMR of unmasked and masked people" in out
+    assert "scoring:      masked route through a metric" in out and "non-commercial" in out

@@ -163,6 +163,23 @@ def _info(args) -> int:
     print(f"embedding:    {package.embedding_size}")
     print("thresholds:   " + (", ".join(f"FMR {k}: {v:.4f}" for k, v in sorted(
         package.thresholds.items(), key=lambda kv: float(kv[0]))) or "none (run `edge-mfr calibrate`)"))
+    by_route = (meta.get("thresholds_by_aggregation") or {}).get(package.aggregation) or {}
+    for route in ("unmasked", "masked"):
+        if by_route.get(route):
+            print(f"  {route + ' probes:':<17}" + ", ".join(f"FMR {k}: {v:.4f}" for k, v in sorted(
+                by_route[route].items(), key=lambda kv: float(kv[0]))) + f" ({package.aggregation} over templates)")
+    choice = (meta.get("calibration") or {}).get("aggregation_choice")
+    print(f"aggregation:  {package.aggregation}" + (f" ({choice})" if choice else ""))
+    scoring = meta.get("scoring") or {}
+    for route in ("unmasked", "masked"):
+        if route in scoring:
+            entry = scoring[route]
+            print(f"scoring:      {route} route through a metric ({entry.get('method', 'linear')}; "
+                  f"strength {entry.get('strength')}, {entry.get('pairs')} pairs)")
+    if "cohort" in scoring:
+        cohort = scoring["cohort"]
+        print(f"scoring:      AS-norm against a cohort of {cohort['clean']['shape'][0]} clean and "
+              f"{cohort['masked']['shape'][0]} masked faces, top {cohort['top_k']}")
     print(f"licence:      {meta.get('licence', 'not stated')}")
     for key, value in sorted((meta.get("recipe") or {}).items()):
         print(f"recipe.{key}: {json.dumps(value, sort_keys=True)}")
