@@ -129,8 +129,11 @@ def test_end_to_end_on_real_lfw_pairs(tmp_path, lfw_subset, model_package, masks
         assert m["genuine_mean"] > m["impostor_mean"]
         assert m["fnmr_at_fmr"]["0.001"]["support"] == "not supported"
     uu, um, mm = (r["metrics"] for r in result["results"])
-    # A mask on the probe only must not raise genuine similarity above the unmasked pairs'.
-    assert um["genuine_mean"] < uu["genuine_mean"]
+    # A mask on the probe must not make verification easier. (Scores, not only rates, are comparable across
+    # scenarios only when both routes score alike: a masked-route metric puts U-M on its own scale.)
+    assert um["auc"] <= uu["auc"] and um["eer"] >= uu["eer"]
+    if not model_package.meta.get("scoring"):  # plain cosine on both routes
+        assert um["genuine_mean"] < uu["genuine_mean"]
 
     # Reports from the real result.
     report.write_json(result, tmp_path / "report.json")
