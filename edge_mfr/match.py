@@ -104,9 +104,9 @@ class RouteScoring:
         if self.cohort is None or probes.size == 0 or templates.size == 0:
             return probes @ scoring_space(templates, self.weight).T
         templates, template_mean, template_std = self._templates_in_space(templates)
-        raw = probes @ templates.T
         probe_mean, probe_std = self._impostor_stats(probes)
-        return 0.5 * ((raw - template_mean[None]) / template_std[None] + (raw - probe_mean[:, None]) / probe_std[:, None])
+        return _as_norm(probes @ templates.T, (probe_mean[:, None], probe_std[:, None]),
+                        (template_mean[None], template_std[None]))
 
     def pair_scores(self, first: np.ndarray, second: np.ndarray) -> np.ndarray:
         """Row-wise scores of (N, D) pairs; NaN where either row is NaN (a failed image)."""
@@ -118,13 +118,17 @@ class RouteScoring:
         ok = np.isfinite(raw)
         out = np.full(raw.shape, np.nan, dtype=np.float64)
         if ok.any():
-            first_mean, first_std = self._impostor_stats(first[ok].astype(np.float32))
-            second_mean, second_std = self._impostor_stats(second[ok].astype(np.float32))
-            out[ok] = 0.5 * ((raw[ok] - first_mean) / first_std + (raw[ok] - second_mean) / second_std)
+            out[ok] = _as_norm(raw[ok], self._impostor_stats(first[ok].astype(np.float32)),
+                               self._impostor_stats(second[ok].astype(np.float32)))
         return out
 
 
 PLAIN = RouteScoring()
+
+
+def _as_norm(raw: np.ndarray, first: tuple, second: tuple) -> np.ndarray:
+    """Raw cosines put on the scale of each side's (mean, std) of top cohort scores, averaged (AS-norm)."""
+    return 0.5 * ((raw - first[0]) / first[1] + (raw - second[0]) / second[1])
 
 
 def cosine_scores(probe: np.ndarray, templates: np.ndarray) -> np.ndarray:

@@ -158,7 +158,7 @@ class FaceUnlock:
         self.thresholds = {route: self.embedder.package.threshold_for(fmr, aggregation, route)
                            for route in ("unmasked", "masked")}
         self.threshold = max(self.thresholds.values())
-        self._scoring: dict[str, RouteScoring] = {}  # per route, read from the package on first use
+        self._scoring = {route: self.embedder.package.route_scoring(route) for route in ROUTES}
         self.fmr = fmr
         self.aggregation = aggregation
         self.enroll_policy = enroll_policy or QualityPolicy.enroll()
@@ -289,10 +289,7 @@ class FaceUnlock:
     def scoring_of(self, cap: Capture) -> RouteScoring:
         """How the probe's route compares it with templates: the package's metric for that route (a masked-route
         metric whitens what a mask changes) and its score-normalisation cohort, where it has them."""
-        route = self.route_of(cap)
-        if route not in self._scoring:
-            self._scoring[route] = self.embedder.package.route_scoring(route)
-        return self._scoring[route]
+        return self._scoring[self.route_of(cap)]
 
     def threshold_for(self, cap: Capture) -> float:
         """The threshold of the probe's route."""

@@ -149,13 +149,15 @@ def calibrate_unlock(package, images: list[LabelledImage], dataset, targets=(1e-
     for aggregation in aggregations:
         thresholds[aggregation] = {"all": {}, **{route: {} for route in ROUTES}}
         evidence[aggregation] = {}
-        per_route = {route: attempt_scores(templates, routed[route], aggregation, scoring)
-                     for route in ROUTES if routed[route]}
-        # What people feel: each drawn variant's attempts, whichever route the gate sent them to, judged by
-        # that route's threshold (the routes' scores need not share a scale: a route may have its own metric).
+        # Scored once per (drawn variant, route). What people feel: each drawn variant's attempts, whichever
+        # route the gate sent them to, judged by that route's threshold (the routes' scores need not share a
+        # scale: a route may have its own metric); each route's threshold is set on all its attempts.
         per_variant = {v: {r: attempt_scores(templates, group, aggregation, scoring)
                            for r in ROUTES if (group := [p for p in probes[v] if p[2] == r])}
                        for v in PROBE_VARIANTS}
+        per_route = {route: tuple(np.concatenate(part) for part in zip(*(by_route[route] for by_route in
+                                                                           per_variant.values() if route in by_route)))
+                     for route in ROUTES if routed[route]}
         for target in sorted(targets, reverse=True):
             key = str(float(target))
             rows = {}

@@ -73,12 +73,9 @@ def with_masked_metric(package: ModelPackage, weight: np.ndarray | None, out_onn
                        provenance: dict) -> ModelPackage:
     """A copy of `package` (same graph, same fingerprint) whose masked-route probes are scored with `weight`
     (None: a copy without any metric, the baseline to compare with); thresholds must be recalibrated."""
-    scoring = {k: v for k, v in (package.meta.get("scoring") or {}).items() if k != "masked"}
-    if weight is not None:
-        scoring["masked"] = {"weight": np.round(weight, 6).tolist(), "method": METHOD, **provenance}
-    recipe = {"masked_route_metric": "fitted by edge_mfr.models.route_metric" if weight is not None else None}
-    return derived_package(package, out_onnx, name, recipe, provenance if weight is not None else {},
-                           scoring=scoring)
+    entry = None if weight is None else {"weight": np.round(weight, 6).tolist(), "method": METHOD}
+    return _with_scoring_entry(package, "masked", entry, "masked_route_metric",
+                               "fitted by edge_mfr.models.route_metric", out_onnx, name, provenance)
 
 
 def with_score_cohort(package: ModelPackage, clean: np.ndarray | None, masked: np.ndarray | None, top_k: int,
@@ -86,7 +83,7 @@ def with_score_cohort(package: ModelPackage, clean: np.ndarray | None, masked: n
     """A copy of `package` (same graph, same fingerprint) that normalises scores against a cohort: `clean` and
     `masked` (N, D) embeddings of training faces (the masked route uses both); None: a copy without a cohort.
     Thresholds must be recalibrated."""
-    scoring = {k: v for k, v in (package.meta.get("scoring") or {}).items() if k != "cohort"}
+    entry = None
     if clean is not None:
         clean, masked = np.asarray(clean, np.float32), np.asarray(masked, np.float32)
         d = package.embedding_size
@@ -94,9 +91,19 @@ def with_score_cohort(package: ModelPackage, clean: np.ndarray | None, masked: n
             if values.ndim != 2 or values.shape[1] != d or len(values) <= top_k:
                 raise InputError(f"the {part} cohort must be (N, {d}) embeddings with N > top_k = {top_k}, "
                                  f"got {values.shape}")
-        scoring["cohort"] = {"clean": encode_array(clean), "masked": encode_array(masked), "top_k": int(top_k),
-                             "method": "adaptive symmetric score normalisation (AS-norm) against the top_k cohort "
-                                       "cosines of each side", **provenance}
-    recipe = {"score_cohort": "edge_mfr.models.route_metric.with_score_cohort" if clean is not None else None}
-    return derived_package(package, out_onnx, name, recipe, provenance if clean is not None else {},
-                           scoring=scoring)
+        entry = {"clean": encode_array(clean), "masked": encode_array(masked), "top_k": int(top_k),
+                 "method": "adaptive symmetric score normalisation (AS-norm) against the top_k cohort cosines of "
+                           "each side"}
+    return _with_scoring_entry(package, "cohort", entry, "score_cohort",
+                               "edge_mfr.models.route_metric.with_score_cohort", out_onnx, name, provenance)
+
+
+def _with_scoring_entry(package: ModelPackage, key: str, entry: dict | None, recipe_key: str, recipe_value: str,
+                        out_onnx: str | Path, name: str, provenance: dict) -> ModelPackage:
+    """A derived copy of `package` whose sidecar `scoring[key]` is `entry` with its provenance, or is removed
+    (None, with its recipe note)."""
+    scoring = {k: v for k, v in (package.meta.get("scoring") or {}).items() if k != key}
+    if entry is not None:
+        scoring[key] = {**entry, **provenance}
+    return derived_package(package, out_onnx, name, {recipe_key: recipe_value if entry is not None else None},
+                           provenance if entry is not None else {}, scoring=scoring)

@@ -48,34 +48,18 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--name")
 
     route = commands.add_parser("route-map", help="fit a masked-route map for a package; write the routed package")
-    route.add_argument("--model", default="dlib_resnet_v1", help="package path or bundled name")
-    route.add_argument("--data", default=DEFAULT_DATA)
-    route.add_argument("--faces", type=int, default=2500, help="celeba_test train faces to draw pairs from")
-    route.add_argument("--pairs", help=".npz cache of the pairs (written when absent, reused when it matches)")
-    route.add_argument("--out", required=True, help="output .onnx of the routed package")
-    route.add_argument("--name", required=True)
+    _pair_arguments(route, faces=2500, out="output .onnx of the routed package")
 
     metric = commands.add_parser("route-metric", help="fit a masked-route scoring metric for a package; write a "
                                  "copy that scores masked probes with it (same graph and fingerprint)")
-    metric.add_argument("--model", default="dlib_resnet_v1", help="package path or bundled name")
-    metric.add_argument("--data", default=DEFAULT_DATA)
-    metric.add_argument("--faces", type=int, default=2500, help="celeba_test train faces to draw pairs from")
-    metric.add_argument("--pairs", help=".npz cache of the pairs (written when absent, reused when it matches)")
-    metric.add_argument("--out", required=True, help="output .onnx of the copy")
-    metric.add_argument("--name", required=True)
+    _pair_arguments(metric, faces=2500, out="output .onnx of the copy")
     metric.add_argument("--drop", action="store_true", help="write a copy without any masked-route metric instead "
                         "(the baseline to compare with)")
 
     cohort = commands.add_parser("score-cohort", help="give a package a score-normalisation cohort of deployed-path "
                                  "training faces (AS-norm); write a copy (same graph and fingerprint)")
-    cohort.add_argument("--model", default="dlib_resnet_v1", help="package path or bundled name")
-    cohort.add_argument("--data", default=DEFAULT_DATA)
-    cohort.add_argument("--faces", type=int, default=4000, help="celeba_test train faces to draw the cohort from")
-    cohort.add_argument("--pairs", help=".npz cache of the (clean, masked) pairs (written when absent, reused when "
-                        "it matches)")
+    _pair_arguments(cohort, faces=4000, out="output .onnx of the copy")
     cohort.add_argument("--top-k", type=int, default=100, help="cohort scores per side that set its scale")
-    cohort.add_argument("--out", required=True, help="output .onnx of the copy")
-    cohort.add_argument("--name", required=True)
     cohort.add_argument("--drop", action="store_true", help="write a copy without a cohort instead")
 
     args = parser.parse_args(argv)
@@ -123,6 +107,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _pair_arguments(parser, faces: int, out: str) -> None:
+    """The arguments of the commands fitted on deployed-path (clean, masked) pairs (`route_pairs_for`)."""
+    parser.add_argument("--model", default="dlib_resnet_v1", help="package path or bundled name")
+    parser.add_argument("--data", default=DEFAULT_DATA)
+    parser.add_argument("--faces", type=int, default=faces, help="celeba_test train faces to draw pairs from")
+    parser.add_argument("--pairs", help=".npz cache of the pairs (written when absent, reused when it matches)")
+    parser.add_argument("--out", required=True, help=out)
+    parser.add_argument("--name", required=True)
 
 
 def route_pairs_for(args, package):
