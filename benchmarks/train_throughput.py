@@ -65,7 +65,7 @@ def main() -> None:
         optimizer = torch.optim.AdamW(list(network.parameters()) + list(head.parameters()), lr=1e-6)
 
         def step():
-            x = student_input(augment.apply(crops, choice), arch, mean_rgb)
+            x = student_input(augment.apply(crops, choice), arch, mean_rgb, config.input_size)
             embedding = network(x)
             loss = torch.nn.functional.cross_entropy(head(embedding, labels, torch.zeros(len(labels))), labels)
             loss = loss + squared_error(embedding, targets)

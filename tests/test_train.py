@@ -131,6 +131,31 @@ def test_the_network_where_a_run_stopped_exports_from_last_pt(tiny_pool, tmp_pat
         weights_record(last, run / "last.pt")
 
 
+def test_the_teacher_network_at_112_px_trains_and_exports_at_that_size(tiny_pool, tmp_path):
+    """A compact student: the teacher's network fed the pool's 112 px crops as they are. Its package declares
+    112 px and the chip template at that size, and, four small steps from the teacher, its embeddings of real
+    faces still point towards the teacher's 150 px templates of the same faces."""
+    from edge_mfr.embed import FaceEmbedder
+    from edge_mfr.train.data import TrainingPool, chip_template
+    from edge_mfr.train.export import export_package
+    from edge_mfr.train.trainer import fit
+
+    run = fit(tiny_config(tiny_pool, tmp_path / "runs", arch="dlib_resnet", init="teacher", input_size=112, steps=4,
+                          eval_every=4, batch_size=8, lr=1e-5, arc_weight=0.0), log=lambda _: None)
+    package = export_package(run / "last.pt", tmp_path / "dlib112.onnx", name="dlib112")
+    assert package.input_size == (112, 112) and package.architecture == "dlib_resnet29_metric"
+    assert np.allclose(package.template, chip_template(112))
+    pool = TrainingPool.load(tiny_pool)
+    crops = pool.decode()  # BGR chips already at the package's template and size
+    batch = (crops[..., ::-1].astype(np.float32) - np.float32(package.mean)) / np.float32(package.std)
+    embeddings = FaceEmbedder(package, threads=1).embed_batch(np.ascontiguousarray(batch.transpose(0, 3, 1, 2)))
+    teacher = pool.teacher / np.linalg.norm(pool.teacher, axis=1, keepdims=True)
+    similarity = embeddings @ teacher.T
+    same = pool.labels[:, None] == pool.labels[None, :]
+    assert similarity[same].mean() > similarity[~same].mean()
+    assert np.mean(similarity.argmax(1) == np.arange(len(pool))) > 0.3  # its own face's template, of 47 (0.45 seen)
+
+
 def test_resume_refuses_a_checkpoint_of_another_config(tiny_pool, tmp_path):
     from edge_mfr.train.trainer import fit
 

@@ -86,10 +86,12 @@ class BatchAugment:
         return ((lit_level / REFERENCE_LIT_LEVEL) ** LUMINANCE_EXPONENT).clamp(*GAIN_RANGE)
 
 
-def student_input(chips: torch.Tensor, arch: str, teacher_mean_rgb) -> torch.Tensor:
-    """float BGR chips (b, s, s, 3) in 0..255 -> the network's input, normalised as its package will declare."""
+def student_input(chips: torch.Tensor, arch: str, teacher_mean_rgb, input_size: int) -> torch.Tensor:
+    """float BGR chips (b, s, s, 3) in 0..255 -> the network's input, normalised as its package will declare.
+    The teacher's network is fully convolutional up to its global mean, so it takes any `input_size` (the
+    crops are resized to it: 150 is the teacher's own, smaller sides are cheaper students)."""
     from edge_mfr.train.teacher import chip_input
 
     if arch == "dlib_resnet":
-        return chip_input(chips, teacher_mean_rgb)
+        return chip_input(chips, teacher_mean_rgb, input_size)
     return (chips.flip(-1).permute(0, 3, 1, 2) - 127.5) / 127.5  # input_size == crop size (checked by the trainer)

@@ -45,7 +45,7 @@ class TrainConfig:
     stage: str = "classify"  # or "triplet"
     # data
     pool: str = "runs/pool_celeba.npz"
-    input_size: int = 112  # student input side; dlib_resnet always takes 150 (crops are resized)
+    input_size: int = 112  # network input side: the pool's crop size, or any side for dlib_resnet (crops resized)
     holdout_identity_fraction: float = 0.08  # identity-disjoint, for selection during training
     mask_probability: float = 0.5
     mask_jitter: float = 0.04  # placement jitter of a mask layer, fraction of the crop side

@@ -15,7 +15,7 @@ from edge_mfr.errors import ModelPackageError
 from edge_mfr.models.package import ModelPackage, save_package
 from edge_mfr.train.config import TrainConfig
 from edge_mfr.train.data import chip_template
-from edge_mfr.train.teacher import TEACHER_DIVISOR, TEACHER_INPUT
+from edge_mfr.train.teacher import TEACHER_DIVISOR
 from edge_mfr.train.trainer import build_network_from_record, load_train_checkpoint, weights_record
 
 EXPORT_TOLERANCE = 1e-4
@@ -35,15 +35,14 @@ def export_package(checkpoint_path: str | Path, out_onnx: str | Path, name: str 
     out_onnx = Path(out_onnx)
     out_onnx.parent.mkdir(parents=True, exist_ok=True)
     pool_meta = record["pool_meta"]
+    size = config.input_size
     if config.arch == "dlib_resnet":
-        size = TEACHER_INPUT
         input_meta = {"size": [size, size], "channel_order": "RGB",
                       "mean": [float(m) for m in pool_meta["teacher_layout"]["mean_rgb"]],
                       "std": [TEACHER_DIVISOR] * 3}
         architecture = "dlib_resnet29_metric"
         licence = f"{TEACHER_LICENCE} (initialisation); fine-tuned by edge-mfr: {DATA_TERMS}"
     else:
-        size = config.input_size
         input_meta = {"size": [size, size], "channel_order": "RGB", "mean": [127.5] * 3, "std": [127.5] * 3}
         architecture = config.arch
         licence = f"Apache-2.0 (edge-mfr); {DATA_TERMS}"

@@ -199,7 +199,8 @@ def holdout_metrics(network: nn.Module, crops: torch.Tensor, labels: torch.Tenso
         out = []
         for start in range(0, len(crops), batch):
             part = {k: v[start:start + batch] for k, v in choice.items()}
-            x = student_input(augment.apply(crops[start:start + batch], part), config.arch, mean_rgb)
+            x = student_input(augment.apply(crops[start:start + batch], part), config.arch, mean_rgb,
+                              config.input_size)
             with _autocast(config):
                 out.append(F.normalize(network(x).float(), dim=1))
         views[masked] = torch.cat(out)
@@ -416,10 +417,11 @@ def fit(config: TrainConfig, resume: bool = False, log: Callable[[str], None] = 
         if config.stage == "triplet":
             clean = dict(local_choice, masked=torch.zeros_like(local_choice["masked"]))
             masked = dict(local_choice, masked=torch.ones_like(local_choice["masked"]))
-            x = torch.cat([student_input(augment.apply(crops[local_rows], c), config.arch, mean_rgb)
-                           for c in (clean, masked)])
+            x = torch.cat([student_input(augment.apply(crops[local_rows], c), config.arch, mean_rgb,
+                                         config.input_size) for c in (clean, masked)])
         else:
-            x = student_input(augment.apply(crops[local_rows], local_choice), config.arch, mean_rgb)
+            x = student_input(augment.apply(crops[local_rows], local_choice), config.arch, mean_rgb,
+                              config.input_size)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         state["data_s"] += time.perf_counter() - data_started
