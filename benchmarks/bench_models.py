@@ -4,9 +4,9 @@ Students are exported the way `edge-mfr models export` ships them (PReLU decompo
 with PReLU and with ReLU, and randomly initialised weights: latency does not depend on the weight values. Packages found in
 edge_mfr/models/bundled/ (the dlib teacher) are timed as shipped. Sessions are timed interleaved, run by
 run, so load from other processes on a shared machine falls on all models alike; the table shows the
-median and (best) ms/face.
+median and (best) ms/face. `--package` adds trained packages (a path or an installed name), timed as shipped.
 
-Run: nice python benchmarks/bench_models.py [--threads 1 2] [--repeats 30]
+Run: nice python benchmarks/bench_models.py [--threads 1 2] [--repeats 30] [--package runs/models/student.onnx]
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import numpy as np
 from edge_mfr.models.complexity import ort_cpu_session, onnx_complexity, time_ort_sessions, torch_complexity
 from edge_mfr.models.export import decompose_prelu, export_onnx
 from edge_mfr.models.mobilefacenet import ARCHITECTURES, build_student
-from edge_mfr.models.package import bundled_models
+from edge_mfr.models.package import bundled_models, load_package
 
 
 def main() -> None:
@@ -31,6 +31,7 @@ def main() -> None:
                         "(larger batches use a quarter)")
     parser.add_argument("--activations", nargs="+", default=["prelu", "relu"],
                         help="student activations to compare (see mobilefacenet.ACTIVATIONS)")
+    parser.add_argument("--package", action="append", default=[], help="also time this model package")
     args = parser.parse_args()
 
     rows: dict[str, dict] = {}
@@ -44,11 +45,12 @@ def main() -> None:
                 rows[name] = {"path": path, "input_size": model.input_size, "params": counts.params,
                               "macs": counts.macs, "note": "random init" + (", PReLU decomposed as exported"
                                                                            if activation == "prelu" else "")}
-        for package in bundled_models():
+        packages = [(p, "bundled") for p in bundled_models()] + [(load_package(p), "package") for p in args.package]
+        for package, origin in packages:
             counts = onnx_complexity(package.onnx_path)
             rows[package.name] = {"path": package.onnx_path, "input_size": package.input_size,
                                   "params": counts.params, "macs": counts.macs,
-                                  "note": f"bundled {package.architecture}"}
+                                  "note": f"{origin} {package.architecture}"}
 
         rng = np.random.default_rng(0)
         timings: dict[tuple[str, int, int], tuple[float, float]] = {}
