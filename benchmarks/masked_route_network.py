@@ -11,8 +11,10 @@ and masked, masked probes detected afresh, routed by the quality gate) for two d
 - two networks: unmasked templates and unmasked-route probes by the teacher, masked templates and
   masked-route probes by STUDENT.
 
-Per design, each route's threshold is set for FMR 1e-4 (and 1e-3) on its impostor attempts; FNMR per route
-and per what was drawn.
+Each design is scored with plain cosine and, where the package that embeds its masked route has one, with
+that package's masked-route metric on the masked route (as `FaceUnlock` scores it: the masked-route probe and
+every template it meets through `match.scoring_space`). Per design, each route's threshold is set for FMR
+1e-4 (and 1e-3) on its impostor attempts; FNMR per route and per what was drawn.
 
     OMP_NUM_THREADS=1 python benchmarks/masked_route_network.py STUDENT.onnx
 """
@@ -33,6 +35,7 @@ from edge_mfr.eval.calibrate import read_labelled_images  # noqa: E402
 from edge_mfr.eval.runner import deployed_detector, image_seed  # noqa: E402
 from edge_mfr.io import load_image  # noqa: E402
 from edge_mfr.masks import MASK_TYPES, apply_mask  # noqa: E402
+from edge_mfr.match import scoring_space  # noqa: E402
 from edge_mfr.models.package import load_package  # noqa: E402
 from edge_mfr.quality import QualityPolicy, assess  # noqa: E402
 from edge_mfr.unlock import synthesize_masked_copies  # noqa: E402
@@ -51,8 +54,9 @@ def main() -> int:
     parser.add_argument("student")
     parser.add_argument("--teacher", default="dlib_resnet_v1")
     args = parser.parse_args()
-    teacher = FaceEmbedder(load_package(args.teacher), threads=1)
-    student = FaceEmbedder(load_package(args.student), threads=1)
+    packages = {"teacher": load_package(args.teacher), "two networks": load_package(args.student)}
+    teacher = FaceEmbedder(packages["teacher"], threads=1)
+    student = FaceEmbedder(packages["two networks"], threads=1)
     detector, policy = deployed_detector(None), QualityPolicy.verify()
     images = read_labelled_images(CALIB / "images", CALIB / "identities.txt", split="calib")
     by_identity = defaultdict(list)
@@ -104,10 +108,19 @@ def main() -> int:
     print("|---|---|---|---|---|---|")
     for design in DESIGNS:
         # an infinite penalty on masked templates for unmasked-route probes is match.route_rows
-        scores, genuine = attempt_matrix(templates[design], [(p[0], p[1][design], p[2]) for p in probes], np.inf)
-        for fmr in (1e-3, 1e-4):
-            cells = [f"{100 * f:.1f}%" for f in fnmr_by_route_and_drawn(scores, genuine, route, drawn, fmr)]
-            print(f"| {design} | {fmr:g} | " + " | ".join(cells) + " |", flush=True)
+        design_probes = [(p[0], p[1][design], p[2]) for p in probes]
+        scores, genuine = attempt_matrix(templates[design], design_probes, np.inf)
+        weight = packages[design].route_metric("masked")
+        scorings = [("plain cosine", scores)]
+        if weight is not None:
+            in_space = {i: (scoring_space(rows, weight), flags) for i, (rows, flags) in templates[design].items()}
+            masked_scores, _ = attempt_matrix(in_space, [(i, scoring_space(e[None], weight)[0], r)
+                                                         for i, e, r in design_probes], np.inf)
+            scorings.append(("masked-route metric", np.where((route == "masked")[:, None], masked_scores, scores)))
+        for name, routed_scores in scorings:
+            for fmr in (1e-3, 1e-4):
+                cells = [f"{100 * f:.1f}%" for f in fnmr_by_route_and_drawn(routed_scores, genuine, route, drawn, fmr)]
+                print(f"| {design}, {name} | {fmr:g} | " + " | ".join(cells) + " |", flush=True)
     return 0
 
 
