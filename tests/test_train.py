@@ -106,6 +106,9 @@ def test_a_few_steps_lower_the_loss_and_resume_exactly(tiny_pool, tmp_path):
     assert set(best["metrics"]) >= {"tpr_uu", "tpr_um", "tpr_mm"}
     assert (full / "loss_curve.png").stat().st_size > 1000
 
+    at_start = fit(tiny_config(tiny_pool, tmp_path / "zero", stop_after_steps=0), log=lambda _: None)
+    assert losses_of(at_start) == [] and load_train_checkpoint(at_start / "last.pt")["state"]["step"] == 0
+
     interrupted = tiny_config(tiny_pool, tmp_path / "split", stop_after_steps=5)
     fit(interrupted, log=lambda _: None)
     assert len(losses_of(tmp_path / "split" / "tiny")) == 5

@@ -401,8 +401,9 @@ def fit(config: TrainConfig, resume: bool = False, log: Callable[[str], None] = 
     bar = tqdm(total=config.steps, initial=state["step"], desc=config.name, disable=not config.progress or rank != 0,
                mininterval=10)
     loop_started = time.perf_counter()
-    stopped_early = False
-    while state["step"] < config.steps:
+    # a run resumed at (or asked to stop at) a step it has already reached takes no step more
+    stopped_early = config.stop_after_steps is not None and state["step"] >= config.stop_after_steps
+    while state["step"] < config.steps and not stopped_early:
         step = state["step"]
         data_started = time.perf_counter()
         rows = torch.from_numpy(order(step)).to(device)
