@@ -35,6 +35,9 @@ class FaceEmbedder:
             package = load_package(package)
         self.package = package
         self.backend = make_backend(package, backend, threads)
+        # A two-network package embeds masked-route faces with its second graph (ModelPackage.masked_network).
+        masked = package.masked_network()
+        self.masked_backend = make_backend(masked, backend, threads) if masked is not None else self.backend
         self.align_threads = align_threads
 
     @property
@@ -48,10 +51,10 @@ class FaceEmbedder:
 
     def embed_batch(self, batch: np.ndarray, route: str = "unmasked") -> np.ndarray:
         """Preprocessed faces -> (N, D) L2-normalised embeddings; masked faces go through the package's
-        masked-route map where it has one (ModelPackage.route_map)."""
+        masked-route network and map where it has them (ModelPackage.masked_network, ModelPackage.route_map)."""
         if route not in ROUTES:
             raise InputError(f"route must be one of {ROUTES}, got {route!r}")
-        embeddings = self.backend.embed(batch)
+        embeddings = (self.masked_backend if route == "masked" else self.backend).embed(batch)
         mapping = self.package.route_map(route)
         if mapping is None:
             return embeddings

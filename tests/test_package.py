@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -127,3 +128,73 @@ def test_corrupt_graph_is_refused(tmp_path):
 def test_threshold_for_an_uncalibrated_fmr_names_what_exists(package_copy):
     with pytest.raises(ModelPackageError, match="no calibrated threshold for FMR 0.05"):
         package_copy.threshold_for(0.05)
+
+
+@pytest.fixture()
+def two_network_package(tmp_path):
+    """The bundled teacher with the bundled INT8 teacher as its masked-route network: two real graphs that share
+    the input and the embedding space, as a fine-tuned masked-route network does."""
+    from edge_mfr.models.masked_network import with_masked_network
+
+    return with_masked_network(load_package("dlib_resnet_v1"), load_package("dlib_resnet_v1_int8"),
+                               tmp_path / "pair" / "two.onnx", "two")
+
+
+def test_a_two_network_package_embeds_the_masked_route_with_its_second_graph(two_network_package, tmp_path):
+    from edge_mfr.detect import get_detector
+    from edge_mfr.embed import FaceEmbedder
+    from edge_mfr.io import load_image
+
+    two = two_network_package
+    assert sorted(p.name for p in two.onnx_path.parent.iterdir()) == ["two.json", "two.masked.onnx", "two.onnx"]
+    assert load_package(two.onnx_path.parent).name == "two"  # the folder holds one package, not two
+    teacher, int8 = load_package("dlib_resnet_v1"), load_package("dlib_resnet_v1_int8")
+    assert two.fingerprint not in (teacher.fingerprint, int8.fingerprint)  # a gallery binds to both graphs
+    assert two.meta["masked_network"]["graph_sha256"] == int8.fingerprint
+    assert not two.thresholds and "masked" not in (two.meta.get("scoring") or {})  # fitted for the other network
+
+    image = load_image(Path(__file__).resolve().parents[1] / "edge_mfr" / "demo_data" / "person_a_1.jpg")
+    landmarks = get_detector("yunet").detect_largest(image).landmarks[None]
+    embedder = FaceEmbedder(two, threads=1)
+    assert np.allclose(embedder.embed_faces(image, landmarks), FaceEmbedder(teacher, threads=1).embed_faces(image, landmarks))
+    masked = embedder.embed_faces(image, landmarks, route="masked")
+    assert np.allclose(masked, FaceEmbedder(int8, threads=1).embed_faces(image, landmarks))
+    assert not np.allclose(masked, embedder.embed_faces(image, landmarks), atol=1e-3)
+
+
+def test_a_derived_copy_of_a_two_network_package_keeps_both_graphs(two_network_package, tmp_path):
+    from edge_mfr.errors import InputError
+    from edge_mfr.models.route_metric import with_masked_metric
+    from edge_mfr.quant.ptq import quantize_package
+
+    copy = with_masked_metric(two_network_package, None, tmp_path / "copy" / "copy.onnx", "copy", {})
+    assert copy.masked_network().onnx_path.is_file() and copy.fingerprint == two_network_package.fingerprint
+    with pytest.raises(InputError, match="has two networks"):
+        quantize_package(copy, tmp_path / "int8", tmp_path / "no_manifest.json")
+
+
+def test_a_two_network_package_with_a_missing_or_swapped_second_graph_is_refused(two_network_package):
+    from edge_mfr.models.package import masked_network_path
+
+    second = masked_network_path(two_network_package.onnx_path)
+    shutil.copyfile(two_network_package.onnx_path, second)  # the first graph put in the second's place
+    with pytest.raises(ModelPackageError, match="does not match its graphs"):
+        load_package(two_network_package.onnx_path)
+    second.unlink()
+    with pytest.raises(ModelPackageError, match="two.masked.onnx is not beside it"):
+        load_package(two_network_package.onnx_path)
+
+
+def test_a_masked_route_network_must_share_the_input_and_embedding(two_network_package, tmp_path):
+    from edge_mfr.errors import InputError
+    from edge_mfr.models.masked_network import with_masked_network
+
+    _tiny_graph(tmp_path / "tiny.onnx", ["N", 3, 112, 112])
+    tiny = save_package(tmp_path / "tiny.onnx", META)
+    with pytest.raises(InputError, match="differ in input size, mean, std, alignment template"):
+        with_masked_network(load_package("dlib_resnet_v1"), tiny, tmp_path / "bad.onnx", "bad")
+    with pytest.raises(InputError, match="already has a masked-route network"):
+        with_masked_network(two_network_package, tiny, tmp_path / "again.onnx", "again")
+    shutil.copyfile(tmp_path / "tiny.onnx", tmp_path / "x.masked.onnx")
+    with pytest.raises(ModelPackageError, match="kept for the masked-route graph"):
+        save_package(tmp_path / "x.masked.onnx", META)

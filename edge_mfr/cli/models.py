@@ -56,20 +56,21 @@ def _lfw_accuracy(meta: dict) -> dict:
 
 
 def _list(args) -> int:
-    from ..models.package import BUNDLED_DIR, load_package
+    from ..models.package import BUNDLED_DIR, load_package, package_graphs
 
     sources = [("bundled", BUNDLED_DIR), ("installed", user_models_dir())]
     sources += [("dir", Path(d)) for d in args.dir]
     rows, broken = [], []
     for origin, folder in sources:
-        for onnx_path in sorted(folder.glob("*.onnx")) if folder.is_dir() else []:
+        for onnx_path in package_graphs(folder) if folder.is_dir() else []:
             try:
                 package = load_package(onnx_path, check_graph=False)
                 params, macs = _complexity(package)
             except EdgeMfrError as exc:
                 broken.append(f"{onnx_path}: {exc}")
                 continue
-            rows.append({"origin": origin, **package.summary(), "size_bytes": onnx_path.stat().st_size,
+            graphs = [onnx_path] + ([package.masked_network().onnx_path] if package.has_masked_network else [])
+            rows.append({"origin": origin, **package.summary(), "size_bytes": sum(g.stat().st_size for g in graphs),
                          "params": params, "gmacs": None if macs is None else macs / 1e9,
                          "backend": "onnxruntime", "precision": _precision(package.meta),
                          "lfw": _lfw_accuracy(package.meta)})
@@ -180,6 +181,10 @@ def _info(args) -> int:
         cohort = scoring["cohort"]
         print(f"scoring:      AS-norm against a cohort of {cohort['clean']['shape'][0]} clean and "
               f"{cohort['masked']['shape'][0]} masked faces, top {cohort['top_k']}")
+    if package.has_masked_network:
+        masked = meta["masked_network"]
+        print(f"masked route: a second network, {package.masked_network().onnx_path.name} "
+              f"({masked.get('method', 'trained for masked faces')})")
     print(f"licence:      {meta.get('licence', 'not stated')}")
     for key, value in sorted((meta.get("recipe") or {}).items()):
         print(f"recipe.{key}: {json.dumps(value, sort_keys=True)}")

@@ -4,6 +4,11 @@ The sidecar holds what a runtime needs to feed the graph (input size, channel or
 alignment template) and what the SDK needs around it (embedding size, calibrated thresholds, recipe,
 licence). Its `fingerprint` is the SHA-256 of the ONNX bytes: galleries bind to it, so templates from
 one model are never compared with another model's.
+
+A package may hold a second graph for the masked route, NAME.masked.onnx beside NAME.onnx (sidecar entry
+`masked_network`): faces the quality gate judges masked (probes, and the masked copies enrollment synthesises)
+are embedded by it, every other face by NAME.onnx. Both take the same input and give embeddings of the same
+size in the same space; the fingerprint then covers both graphs.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ FORMAT = "edge-mfr-model/1"
 BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
 # Preference order for the default model: the best bundled one first.
 DEFAULT_PREFERENCE = ("dlib_resnet_v1",)
+MASKED_NETWORK_SUFFIX = ".masked.onnx"  # the masked-route graph of a two-network package
 REQUIRED_KEYS = ("format", "name", "architecture", "input", "alignment", "embedding_size", "fingerprint")
 
 
@@ -36,13 +42,27 @@ def file_sha256(path: Path) -> str:
 
 
 def package_fingerprint(onnx_path: Path, meta: dict) -> str:
-    """SHA-256 of the graph; with probe-route maps (see `ModelPackage.route_map`), of the graph and the maps, since
-    both shape the templates a gallery stores."""
+    """SHA-256 of the graph; with probe-route maps (see `ModelPackage.route_map`) or a masked-route graph
+    (`ModelPackage.masked_network`), of the graph and those, since they shape the templates a gallery stores."""
     graph = file_sha256(onnx_path)
-    if not meta.get("routes"):
+    if not meta.get("routes") and not meta.get("masked_network"):
         return graph
-    routes = json.dumps(meta["routes"], sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(f"{graph}|{routes}".encode()).hexdigest()
+    parts = [graph]
+    if meta.get("routes"):
+        parts.append(json.dumps(meta["routes"], sort_keys=True, separators=(",", ":")))
+    if meta.get("masked_network"):
+        parts.append("masked_network:" + file_sha256(masked_network_path(onnx_path)))
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+
+def masked_network_path(onnx_path: Path) -> Path:
+    """Where the masked-route graph of the package NAME.onnx lives: NAME.masked.onnx beside it."""
+    return onnx_path.with_name(onnx_path.stem + MASKED_NETWORK_SUFFIX)
+
+
+def is_masked_network_graph(path: Path) -> bool:
+    """A NAME.masked.onnx file is the second graph of the package NAME, not a package of its own."""
+    return path.name.endswith(MASKED_NETWORK_SUFFIX)
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
@@ -177,6 +197,19 @@ class ModelPackage:
         entry = (self.meta.get("scoring") or {}).get("cohort") or {}
         return RouteScoring(self.route_metric(route), self.score_cohort(route), int(entry.get("top_k", 100)))
 
+    @property
+    def has_masked_network(self) -> bool:
+        return bool(self.meta.get("masked_network"))
+
+    def masked_network(self) -> "ModelPackage | None":
+        """The masked-route graph as a package of its own (same input, embedding size and alignment; named
+        NAME.masked, fingerprinted by its graph), for a backend to run; None for a one-network package."""
+        if not self.has_masked_network:
+            return None
+        path = masked_network_path(self.onnx_path)
+        meta = {k: v for k, v in self.meta.items() if k not in ("masked_network", "routes", "scoring")}
+        return ModelPackage(path, {**meta, "name": f"{self.name}.masked", "fingerprint": file_sha256(path)})
+
     def summary(self) -> dict:
         return {
             "name": self.name,
@@ -213,6 +246,8 @@ def _validate_meta(meta: dict, where: Path) -> None:
         raise ModelPackageError(f"{where}: alignment template must be 5 finite (x, y) points")
     if embedding <= 0:
         raise ModelPackageError(f"{where}: embedding_size must be positive")
+    if meta.get("masked_network") is not None and not isinstance(meta["masked_network"], dict):
+        raise ModelPackageError(f"{where}: masked_network must be an object describing NAME{MASKED_NETWORK_SUFFIX}")
     for route, entry in (meta.get("scoring") or {}).items():
         if route == "cohort":
             _validate_cohort(entry, embedding, where)
@@ -272,22 +307,44 @@ def _check_graph(onnx_path: Path, meta: dict) -> None:
         )
 
 
+def _check_masked_network_file(onnx_path: Path, meta: dict) -> None:
+    if meta.get("masked_network") and not masked_network_path(onnx_path).is_file():
+        raise ModelPackageError(f"{onnx_path}: the sidecar names a masked-route graph, but "
+                                f"{masked_network_path(onnx_path).name} is not beside it")
+
+
+def _check_graphs(onnx_path: Path, meta: dict) -> None:
+    _check_graph(onnx_path, meta)
+    if meta.get("masked_network"):
+        _check_graph(masked_network_path(onnx_path), meta)
+
+
 def save_package(onnx_path: str | Path, meta: dict) -> ModelPackage:
-    """Write the sidecar for an ONNX graph, filling `format` and `fingerprint`, after checking both agree."""
+    """Write the sidecar for an ONNX graph (and its masked-route graph, where `meta` names one), filling `format`
+    and `fingerprint`, after checking they agree."""
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise ModelPackageError(f"{onnx_path}: ONNX file not found")
+    if is_masked_network_graph(onnx_path):
+        raise ModelPackageError(f"{onnx_path}: names ending in {MASKED_NETWORK_SUFFIX} are kept for the masked-route "
+                                "graph of a two-network package")
     meta = {"thresholds": {}, "calibration": {}, "recipe": {}, **meta, "format": FORMAT}
+    _check_masked_network_file(onnx_path, meta)
     meta["fingerprint"] = package_fingerprint(onnx_path, meta)
     _validate_meta(meta, onnx_path)
-    _check_graph(onnx_path, meta)
+    _check_graphs(onnx_path, meta)
     _write_json_atomic(onnx_path.with_suffix(".json"), meta)
     return ModelPackage(onnx_path, meta)
 
 
+def package_graphs(folder: Path) -> list[Path]:
+    """The packages' main graphs in a folder (a two-network package's NAME.masked.onnx is part of NAME)."""
+    return [p for p in sorted(folder.glob("*.onnx")) if not is_masked_network_graph(p)]
+
+
 def _resolve(path: Path) -> Path:
     if path.is_dir():
-        graphs = sorted(path.glob("*.onnx"))
+        graphs = package_graphs(path)
         if len(graphs) != 1:
             raise ModelPackageError(f"{path}: a package directory must hold exactly one .onnx, found {len(graphs)}")
         return graphs[0]
@@ -314,20 +371,21 @@ def load_package(path: str | Path, check_graph: bool = True) -> ModelPackage:
     if not isinstance(meta, dict):
         raise ModelPackageError(f"{sidecar}: expected a JSON object")
     _validate_meta(meta, sidecar)
+    _check_masked_network_file(onnx_path, meta)
     actual = package_fingerprint(onnx_path, meta)
     if actual != meta["fingerprint"]:
         raise ModelPackageError(
-            f"{sidecar}: sidecar does not match its graph (fingerprint {meta['fingerprint'][:12]}, "
-            f"{onnx_path.name} hashes to {actual[:12]}); re-export the package"
+            f"{sidecar}: sidecar does not match its graph{'s' if meta.get('masked_network') else ''} (fingerprint "
+            f"{meta['fingerprint'][:12]}, {onnx_path.name} hashes to {actual[:12]}); re-export the package"
         )
     if check_graph:
-        _check_graph(onnx_path, meta)
+        _check_graphs(onnx_path, meta)
     return ModelPackage(onnx_path, meta)
 
 
 def bundled_models() -> list[ModelPackage]:
     """Packages shipped inside the wheel, skipping none silently: a broken bundled package is an error."""
-    return [load_package(p, check_graph=False) for p in sorted(BUNDLED_DIR.glob("*.onnx"))]
+    return [load_package(p, check_graph=False) for p in package_graphs(BUNDLED_DIR)]
 
 
 def default_model() -> ModelPackage:

@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 
 from edge_mfr.errors import InputError
-from edge_mfr.models.package import ModelPackage, save_package
+from edge_mfr.models.package import ModelPackage, masked_network_path, save_package
 from edge_mfr.runtime.base import l2_normalise
 
 DEFAULT_ALPHA = 0.1
@@ -24,7 +24,8 @@ DEFAULT_ALPHA = 0.1
 
 def route_pairs(packages: list[ModelPackage], data_dir, faces: int = 4000, seed: int = 0, detector: str | None = None,
                 threads: int = 1, progress: bool = True) -> dict:
-    """Clean and masked L2-normalised embeddings of the same training faces, for each package.
+    """Clean and masked L2-normalised embeddings of the same training faces, for each package, each side as an
+    unlock embeds it (the masked face on the masked route: a two-network package's second network).
 
     Returns {"clean": [(n, D) per package], "masked": [...], "files", "identities", "mask_types", "misses", ...}.
     Faces whose masked photo has no detected face are dropped (and counted): the map cannot help a miss.
@@ -61,7 +62,7 @@ def route_pairs(packages: list[ModelPackage], data_dir, faces: int = 4000, seed:
             continue
         for k, embedder in enumerate(embedders):
             clean[k].append(embedder.embed_faces(image, face.landmarks[None])[0])
-            masked[k].append(embedder.embed_faces(covered, again.landmarks[None])[0])
+            masked[k].append(embedder.embed_faces(covered, again.landmarks[None], route="masked")[0])
         files.append(str(file))
         identities.append(identity)
         types.append(mask_type)
@@ -148,6 +149,8 @@ def derived_package(package: ModelPackage, out_onnx: str | Path, name: str, reci
         raise InputError("write the derived package next to, not over, its source")
     out_onnx.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(package.onnx_path, out_onnx)
+    if package.has_masked_network:
+        shutil.copyfile(package.masked_network().onnx_path, masked_network_path(out_onnx))
     meta = {k: v for k, v in package.meta.items() if k not in ("fingerprint", "thresholds", "thresholds_by_aggregation",
                                                                  "calibration", "format")}
     meta["name"] = name

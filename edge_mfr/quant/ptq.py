@@ -187,6 +187,9 @@ def quantize_package(package: ModelPackage, out_dir: str | Path,
         raise InputError(f"calibrate_method must be one of {CALIBRATE_METHODS}, got {calibrate_method!r}")
     if package.meta.get("recipe", {}).get("quantization"):
         raise InputError(f"model {package.name!r} is already quantized; quantize its fp32 source instead")
+    if package.has_masked_network:
+        raise InputError(f"model {package.name!r} has two networks (a masked-route graph); quantizing them together "
+                         "is not supported yet: quantize its one-network source")
     if not isinstance(manifest, CalibrationManifest):
         manifest = load_manifest(manifest)
     root = Path(data_root) if data_root is not None else default_data_root()

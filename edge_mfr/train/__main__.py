@@ -1,4 +1,5 @@
-"""`python -m edge_mfr.train prepare|fit|export`: build the training pool, train one config, export a package.
+"""`python -m edge_mfr.train prepare|fit|export|...`: build the training pool, train one config, export a package,
+fit the closed-form masked-route heads, assemble a two-network package.
 
 Multi-process: `torchrun --nproc_per_node=N -m edge_mfr.train fit CONFIG ...` (gloo on CPU, NCCL on GPUs).
 """
@@ -62,6 +63,14 @@ def main(argv: list[str] | None = None) -> int:
     cohort.add_argument("--top-k", type=int, default=100, help="cohort scores per side that set its scale")
     cohort.add_argument("--drop", action="store_true", help="write a copy without a cohort instead")
 
+    two = commands.add_parser("masked-network", help="a two-network package: --model's network for unmasked faces, "
+                              "--network's for the masked route; thresholds must be recalibrated")
+    two.add_argument("--model", default="dlib_resnet_v1", help="package path or bundled name (the unmasked route)")
+    two.add_argument("--network", required=True, help="package of the masked-route network (`export` of a "
+                     "dlib_masked_route run)")
+    two.add_argument("--out", required=True, help="output .onnx (NAME.masked.onnx is written beside it)")
+    two.add_argument("--name", required=True)
+
     args = parser.parse_args(argv)
     try:
         if args.command == "prepare":
@@ -98,6 +107,13 @@ def main(argv: list[str] | None = None) -> int:
             route_metric_command(args)
         elif args.command == "score-cohort":
             score_cohort_command(args)
+        elif args.command == "masked-network":
+            from edge_mfr.models.masked_network import with_masked_network
+            from edge_mfr.models.package import load_package
+
+            package = with_masked_network(load_package(args.model), load_package(args.network), args.out, args.name)
+            print(f"wrote {package.onnx_path} and {package.masked_network().onnx_path.name} "
+                  f"({package.fingerprint[:12]}); fit its masked-route metric (route-metric) and calibrate it")
         else:
             from edge_mfr.train.export import export_package
 
@@ -150,10 +166,13 @@ def pairs_provenance(pairs) -> dict:
 
 
 def route_map_command(args) -> None:
+    from edge_mfr.errors import InputError
     from edge_mfr.models.package import load_package
     from edge_mfr.models.route_map import fit_ridge, select_alpha, with_masked_route
 
     package = load_package(args.model)
+    if package.route_map("masked") is not None:
+        raise InputError(f"{package.name!r} already has a masked-route map; fit one on the package without it")
     pairs = route_pairs_for(args, package)
     alpha, trials = select_alpha(pairs["clean"], pairs["masked"], pairs["identities"])
     weight, bias = fit_ridge(pairs["masked"], pairs["clean"], alpha)

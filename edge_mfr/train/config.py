@@ -17,6 +17,7 @@ from typing import Any
 from edge_mfr.errors import InputError
 
 ARCHES = ("dlib_resnet", "mfn_s", "mfn_m")
+SELECTIONS = ("student", "masked_route")
 # Fields that may differ on resume: where and how fast the run goes, not what it computes.
 RUNTIME_FIELDS = ("out_dir", "device", "threads", "amp", "time_budget_s", "stop_after_steps", "progress", "pool")
 
@@ -73,6 +74,10 @@ class TrainConfig:
     weight_decay: float = 5e-4
     warmup_steps: int = 50
     eval_every: int = 200
+    # What best.pt is selected on: "student" (the network on its own: mean of its um and mm hold-out TPR, its uu
+    # within 0.01 of the start's) or "masked_route" (a network for the masked route of a two-network package:
+    # its masked faces against the teacher's clean templates, the comparison a masked unlock makes)
+    selection: str = "student"
     seed: int = 0
     # machine (RUNTIME_FIELDS: may change on resume)
     device: str = "cpu"
@@ -95,6 +100,7 @@ class TrainConfig:
              "stage='triplet' trains on a pre-trained checkpoint"),
             (self.sampler in ("random", "pk"), f"sampler must be random|pk, got {self.sampler!r}"),
             (self.mse_schedule in ("fixed", "hard"), f"mse_schedule must be fixed|hard, got {self.mse_schedule!r}"),
+            (self.selection in SELECTIONS, f"selection must be one of {SELECTIONS}, got {self.selection!r}"),
             (self.optimizer in ("sgd", "adamw"), f"optimizer must be sgd|adamw, got {self.optimizer!r}"),
             (0.0 <= self.mask_probability <= 1.0, "mask_probability must be in [0, 1]"),
             (0.0 < self.holdout_identity_fraction < 1.0, "holdout_identity_fraction must be in (0, 1)"),

@@ -10,7 +10,9 @@ and history; nothing else is random, so a resumed run continues the same sequenc
 Selection: every `eval_every` steps, on an identity-disjoint hold-out of the pool, TPR at FMR 1e-3 for clean-clean
 (uu), clean-masked (um) and masked-masked (mm) pairs with fixed masks. `best.pt` keeps the weights with the best
 mean of um and mm among those whose uu stays within 0.01 of the starting network's (for a teacher-initialised
-run: the teacher's), never the lowest loss.
+run: the teacher's), never the lowest loss. A network for the masked route of a two-network package
+(`selection="masked_route"`) is selected on um_teacher instead: its masked faces against the teacher's clean
+templates of the other faces, which is what a masked unlock compares (its own clean faces are never used).
 """
 from __future__ import annotations
 
@@ -188,7 +190,9 @@ def tpr_at_fmr(scores: torch.Tensor, genuine: torch.Tensor, fmr: float) -> float
 
 @torch.no_grad()
 def holdout_metrics(network: nn.Module, crops: torch.Tensor, labels: torch.Tensor, augment: BatchAugment,
-                    config: TrainConfig, mean_rgb, batch: int = 256) -> dict[str, float]:
+                    config: TrainConfig, mean_rgb, teacher_templates: torch.Tensor, batch: int = 256) -> dict[str, float]:
+    """Hold-out TPR at FMR 1e-3: uu, um, mm of the network with itself, and um_teacher (the teacher's clean templates
+    `teacher_templates` of the same faces against the network's masked views)."""
     was_training = network.training
     network.eval()
     choice = augment.draw(len(crops), step_generator(config.seed, HOLDOUT_SEED_STEP))
@@ -215,7 +219,20 @@ def holdout_metrics(network: nn.Module, crops: torch.Tensor, labels: torch.Tenso
         "tpr_um": tpr_at_fmr((views[False] @ views[True].T)[off_diagonal],
                              (labels[:, None] == labels[None, :])[off_diagonal], SELECTION_FMR),
         "tpr_mm": tpr_at_fmr((views[True] @ views[True].T)[upper], genuine, SELECTION_FMR),
+        "tpr_um_teacher": (tpr_at_fmr((F.normalize(teacher_templates.float(), dim=1) @ views[True].T)[off_diagonal],
+                                      (labels[:, None] == labels[None, :])[off_diagonal], SELECTION_FMR)
+                           if teacher_templates.shape[1] == views[True].shape[1] else float("nan")),
     }
+
+
+def selection_score(metrics: dict[str, float], config: TrainConfig, start_uu: float) -> float | None:
+    """The hold-out score `best.pt` is selected on (higher is better), or None where the step is not eligible
+    (a student whose clean-clean TPR fell more than UU_TOLERANCE below the start's)."""
+    if config.selection == "masked_route":
+        return metrics["tpr_um_teacher"]
+    if metrics["tpr_uu"] < start_uu - UU_TOLERANCE:
+        return None
+    return (metrics["tpr_um"] + metrics["tpr_mm"]) / 2
 
 
 def _autocast(config: TrainConfig):
@@ -327,6 +344,9 @@ def fit(config: TrainConfig, resume: bool = False, log: Callable[[str], None] = 
     network = build_network(config, pool)
     teacher_dim = pool.teacher.shape[1]
     regresses = config.mse_weight > 0 or config.mse_weight_high > 0 or config.cosine_weight > 0
+    if config.selection == "masked_route" and _embedding_width(network) != teacher_dim:
+        raise InputError(f"selection='masked_route' compares the network's masked faces with the teacher's "
+                         f"{teacher_dim}-d templates; the network gives {_embedding_width(network)}-d embeddings")
     projection = None
     if regresses and _embedding_width(network) != teacher_dim:
         if not config.teacher_projection:
@@ -372,22 +392,25 @@ def fit(config: TrainConfig, resume: bool = False, log: Callable[[str], None] = 
     order = BatchOrder(train_rows, pool.labels, config)
     held_crops = crops[torch.from_numpy(held_rows).to(device)]
     held_labels = torch.from_numpy(pool.labels[held_rows]).to(device)
+    held_teacher = teacher[torch.from_numpy(held_rows).to(device)]
     log(f"{config.name}: {config.arch}, {len(train_rows)} train faces ({len(classes)} ids), {len(held_rows)} hold-out "
         f"faces, {config.steps} steps of {config.batch_size} on {world} x {device}; pool decoded in {decode_s:.1f} s")
 
     def evaluate_and_save() -> None:
         if rank == 0 and not (state["evals"] and state["evals"][-1]["step"] == state["step"]):
-            metrics = holdout_metrics(module.network, held_crops, held_labels, augment, config, mean_rgb)
+            metrics = holdout_metrics(module.network, held_crops, held_labels, augment, config, mean_rgb,
+                                      held_teacher)
             metrics["step"] = state["step"]
             state["evals"].append(metrics)
             if state["start_uu"] is None:
                 state["start_uu"] = metrics["tpr_uu"] if config.init != "scratch" else -math.inf
-            score = (metrics["tpr_um"] + metrics["tpr_mm"]) / 2
-            if metrics["tpr_uu"] >= state["start_uu"] - UU_TOLERANCE and score > state["best_score"]:
+            score = selection_score(metrics, config, state["start_uu"])
+            best = score is not None and score > state["best_score"]
+            if best:
                 state["best_score"] = score
                 torch.save(_weights_record(module.network, config, pool, state, metrics), out_dir / "best.pt")
             log(f"step {state['step']} hold-out TPR@FMR1e-3 uu {metrics['tpr_uu']:.4f} um {metrics['tpr_um']:.4f} "
-                f"mm {metrics['tpr_mm']:.4f}{' (best)' if state['best_score'] == score else ''}")
+                f"mm {metrics['tpr_mm']:.4f} um_teacher {metrics['tpr_um_teacher']:.4f}{' (best)' if best else ''}")
             _save_last(out_dir / "last.pt", module, optimizer, scheduler, config, state, pool)
             (out_dir / "history.json").write_text(json.dumps({"config": config.to_dict(), **state}, indent=1))
             plot_history(state, out_dir / "loss_curve.png", config.name)
@@ -540,8 +563,8 @@ def plot_history(state: dict, path: Path, title: str) -> None:
     left.set_title(f"{title}: training losses")
     if left.lines:
         left.legend(fontsize=7)
-    for key in ("tpr_uu", "tpr_um", "tpr_mm"):
-        points = [(e["step"], e[key]) for e in state["evals"]]
+    for key in ("tpr_uu", "tpr_um", "tpr_mm", "tpr_um_teacher"):
+        points = [(e["step"], e[key]) for e in state["evals"] if key in e]
         if points:
             steps, values = zip(*points)
             right.plot(steps, values, marker=".", label=key)
