@@ -195,6 +195,10 @@ def test_a_masked_route_network_must_share_the_input_and_embedding(two_network_p
         with_masked_network(load_package("dlib_resnet_v1"), tiny, tmp_path / "bad.onnx", "bad")
     with pytest.raises(InputError, match="already has a masked-route network"):
         with_masked_network(two_network_package, tiny, tmp_path / "again.onnx", "again")
+    from edge_mfr.train.__main__ import main as train_cli
+
+    assert train_cli(["masked-network", "--network", str(tiny.onnx_path), "--out", str(tmp_path / "cli.onnx"),
+                      "--name", "cli"]) == 2
     shutil.copyfile(tmp_path / "tiny.onnx", tmp_path / "x.masked.onnx")
     with pytest.raises(ModelPackageError, match="kept for the masked-route graph"):
         save_package(tmp_path / "x.masked.onnx", META)

@@ -29,7 +29,7 @@ from edge_mfr.match import scoring_space
 from edge_mfr.models.package import ModelPackage, encode_array
 from edge_mfr.models.route_map import clean_vs_masked_tpr, derived_package, identity_folds
 
-STRENGTHS = (0.03, 0.1, 0.3, 1.0, 3.0)
+STRENGTHS = (0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 METHOD = "whitening of the mask-induced change: (cov(masked - clean) + s I)^(-1/2), both sides of a comparison"
 
 
