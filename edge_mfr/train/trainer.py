@@ -11,8 +11,8 @@ Selection: every `eval_every` steps, on an identity-disjoint hold-out of the poo
 (uu), clean-masked (um) and masked-masked (mm) pairs with fixed masks. `best.pt` keeps the weights with the best
 mean of um and mm among those whose uu stays within 0.01 of the starting network's (for a teacher-initialised
 run: the teacher's), never the lowest loss. A network for the masked route of a two-network package
-(`selection="masked_route"`) is selected on um_teacher instead: its masked faces against the teacher's clean
-templates of the other faces, which is what a masked unlock compares (its own clean faces are never used).
+(`selection="masked_route"`) is selected on the masked route of an unlock simulated on the hold-out instead
+(`masked_route_tpr`): its own clean faces are never used there.
 """
 from __future__ import annotations
 
@@ -191,8 +191,8 @@ def tpr_at_fmr(scores: torch.Tensor, genuine: torch.Tensor, fmr: float) -> float
 @torch.no_grad()
 def holdout_metrics(network: nn.Module, crops: torch.Tensor, labels: torch.Tensor, augment: BatchAugment,
                     config: TrainConfig, mean_rgb, teacher_templates: torch.Tensor, batch: int = 256) -> dict[str, float]:
-    """Hold-out TPR at FMR 1e-3: uu, um, mm of the network with itself, and um_teacher (the teacher's clean templates
-    `teacher_templates` of the same faces against the network's masked views)."""
+    """Hold-out TPR at FMR 1e-3: uu, um, mm of the network with itself, and masked_route (`masked_route_tpr`, the
+    network as the masked route of a two-network package whose other network made `teacher_templates`)."""
     was_training = network.training
     network.eval()
     choice = augment.draw(len(crops), step_generator(config.seed, HOLDOUT_SEED_STEP))
@@ -219,17 +219,43 @@ def holdout_metrics(network: nn.Module, crops: torch.Tensor, labels: torch.Tenso
         "tpr_um": tpr_at_fmr((views[False] @ views[True].T)[off_diagonal],
                              (labels[:, None] == labels[None, :])[off_diagonal], SELECTION_FMR),
         "tpr_mm": tpr_at_fmr((views[True] @ views[True].T)[upper], genuine, SELECTION_FMR),
-        "tpr_um_teacher": (tpr_at_fmr((F.normalize(teacher_templates.float(), dim=1) @ views[True].T)[off_diagonal],
-                                      (labels[:, None] == labels[None, :])[off_diagonal], SELECTION_FMR)
-                           if teacher_templates.shape[1] == views[True].shape[1] else float("nan")),
+        "tpr_masked_route": (masked_route_tpr(F.normalize(teacher_templates.float(), dim=1), views[True], labels)
+                             if teacher_templates.shape[1] == views[True].shape[1] else float("nan")),
     }
+
+
+def masked_route_tpr(teacher_clean: torch.Tensor, masked: torch.Tensor, labels: torch.Tensor,
+                     enrolled: int = 2) -> float:
+    """TPR at FMR 1e-3 of the masked route of an unlock simulated on the hold-out, with `masked` (N, D) as the
+    masked-route network's embeddings of masked faces and `teacher_clean` (N, D) the other network's of the same
+    faces clean: each identity enrolls its first `enrolled` faces (their clean templates by the teacher and
+    their masked templates by the masked-route network, as enrollment synthesises them), its other faces probe
+    masked; a probe's score for an identity is the max over its templates, and every other identity is an
+    impostor attempt. This is what the masked route compares: a network drifting from the teacher's space
+    loses where its probes meet clean templates, one that separates masked faces well gains on masked ones."""
+    n = len(labels)
+    rank = torch.zeros(n, dtype=torch.long, device=labels.device)
+    for label in torch.unique(labels):
+        rows = torch.nonzero(labels == label).flatten()
+        rank[rows] = torch.arange(len(rows), device=labels.device)
+    counts = torch.bincount(torch.unique(labels, return_inverse=True)[1])
+    usable = counts[torch.unique(labels, return_inverse=True)[1]] > enrolled
+    is_template = usable & (rank < enrolled)
+    probes = torch.nonzero(usable & (rank >= enrolled)).flatten()
+    templates = torch.cat([teacher_clean[is_template], masked[is_template]])
+    identities, owner = torch.unique(torch.cat([labels[is_template]] * 2), return_inverse=True)
+    scores = masked[probes] @ templates.T
+    per_identity = torch.full((len(probes), len(identities)), -2.0, device=scores.device).scatter_reduce(
+        1, owner.expand(len(probes), -1), scores, reduce="amax")
+    genuine = labels[probes][:, None] == identities[None, :]
+    return tpr_at_fmr(per_identity.flatten(), genuine.flatten(), SELECTION_FMR)
 
 
 def selection_score(metrics: dict[str, float], config: TrainConfig, start_uu: float) -> float | None:
     """The hold-out score `best.pt` is selected on (higher is better), or None where the step is not eligible
     (a student whose clean-clean TPR fell more than UU_TOLERANCE below the start's)."""
     if config.selection == "masked_route":
-        return metrics["tpr_um_teacher"]
+        return metrics["tpr_masked_route"]
     if metrics["tpr_uu"] < start_uu - UU_TOLERANCE:
         return None
     return (metrics["tpr_um"] + metrics["tpr_mm"]) / 2
@@ -345,7 +371,7 @@ def fit(config: TrainConfig, resume: bool = False, log: Callable[[str], None] = 
     teacher_dim = pool.teacher.shape[1]
     regresses = config.mse_weight > 0 or config.mse_weight_high > 0 or config.cosine_weight > 0
     if config.selection == "masked_route" and _embedding_width(network) != teacher_dim:
-        raise InputError(f"selection='masked_route' compares the network's masked faces with the teacher's "
+        raise InputError(f"selection='masked_route' scores the network's masked faces against the teacher's "
                          f"{teacher_dim}-d templates; the network gives {_embedding_width(network)}-d embeddings")
     projection = None
     if regresses and _embedding_width(network) != teacher_dim:
@@ -410,7 +436,7 @@ def fit(config: TrainConfig, resume: bool = False, log: Callable[[str], None] = 
                 state["best_score"] = score
                 torch.save(_weights_record(module.network, config, pool, state, metrics), out_dir / "best.pt")
             log(f"step {state['step']} hold-out TPR@FMR1e-3 uu {metrics['tpr_uu']:.4f} um {metrics['tpr_um']:.4f} "
-                f"mm {metrics['tpr_mm']:.4f} um_teacher {metrics['tpr_um_teacher']:.4f}{' (best)' if best else ''}")
+                f"mm {metrics['tpr_mm']:.4f} masked_route {metrics['tpr_masked_route']:.4f}{' (best)' if best else ''}")
             _save_last(out_dir / "last.pt", module, optimizer, scheduler, config, state, pool)
             (out_dir / "history.json").write_text(json.dumps({"config": config.to_dict(), **state}, indent=1))
             plot_history(state, out_dir / "loss_curve.png", config.name)
@@ -563,7 +589,7 @@ def plot_history(state: dict, path: Path, title: str) -> None:
     left.set_title(f"{title}: training losses")
     if left.lines:
         left.legend(fontsize=7)
-    for key in ("tpr_uu", "tpr_um", "tpr_mm", "tpr_um_teacher"):
+    for key in ("tpr_uu", "tpr_um", "tpr_mm", "tpr_masked_route"):
         points = [(e["step"], e[key]) for e in state["evals"] if key in e]
         if points:
             steps, values = zip(*points)

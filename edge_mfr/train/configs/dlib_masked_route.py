@@ -1,9 +1,10 @@
 """The network of a two-network package's masked route: MaskInv-LG (ElasticFace-Arc + 100 x MSE to the teacher's
-clean template) on the teacher's network, selected on its masked faces against the teacher's clean templates.
+clean template) on the teacher's network, selected on the masked route of an unlock simulated on the hold-out
+(masked probes against the teacher's clean templates and the network's masked ones).
 
 Sized for the 2-core CPU (about 10 minutes on two threads): a run of 2,500 steps at this rate drifted from the
-teacher's space and refused more masked people than the teacher (docs/training.md, section 5), which the
-masked-route selection now guards against.
+teacher's space and refused more masked people than the teacher (docs/training.md, section 5); the
+masked-route selection is what keeps such a step out of best.pt.
 """
 from edge_mfr.train.config import TrainConfig
 from edge_mfr.train.configs._families import DLIB_FROM_TEACHER
