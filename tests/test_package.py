@@ -173,6 +173,22 @@ def test_a_derived_copy_of_a_two_network_package_keeps_both_graphs(two_network_p
         quantize_package(copy, tmp_path / "int8", tmp_path / "no_manifest.json")
 
 
+def test_a_two_network_package_takes_a_masked_route_map_once(two_network_package, tmp_path):
+    """The map that aligns the masked-route network's embeddings with the first network's clean templates
+    (`route-map` on a two-network package) is part of both the package and its fingerprint; a second map on
+    top of it is refused before any pair is drawn."""
+    from edge_mfr.models.route_map import with_masked_route
+    from edge_mfr.train.__main__ import main as train_cli
+
+    d = two_network_package.embedding_size
+    mapped = with_masked_route(two_network_package, np.eye(d, dtype=np.float32), np.full(d, 0.01, np.float32),
+                               tmp_path / "mapped" / "mapped.onnx", "mapped", {})
+    assert mapped.has_masked_network and mapped.route_map("masked") is not None
+    assert mapped.fingerprint != two_network_package.fingerprint
+    assert train_cli(["route-map", "--model", str(mapped.onnx_path), "--out", str(tmp_path / "again.onnx"),
+                      "--name", "again", "--data", str(tmp_path / "no_data")]) == 2
+
+
 def test_a_two_network_package_with_a_missing_or_swapped_second_graph_is_refused(two_network_package):
     from edge_mfr.models.package import masked_network_path
 
