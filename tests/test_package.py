@@ -152,6 +152,7 @@ def test_a_two_network_package_embeds_the_masked_route_with_its_second_graph(two
     assert two.fingerprint not in (teacher.fingerprint, int8.fingerprint)  # a gallery binds to both graphs
     assert two.meta["masked_network"]["graph_sha256"] == int8.fingerprint
     assert not two.thresholds and "masked" not in (two.meta.get("scoring") or {})  # fitted for the other network
+    assert "accuracy" not in two.meta  # the teacher's measured accuracy is not the new package's
 
     image = load_image(Path(__file__).resolve().parents[1] / "edge_mfr" / "demo_data" / "person_a_1.jpg")
     landmarks = get_detector("yunet").detect_largest(image).landmarks[None]

@@ -143,7 +143,8 @@ def with_masked_route(package: ModelPackage, weight: np.ndarray, bias: np.ndarra
 def derived_package(package: ModelPackage, out_onnx: str | Path, name: str, recipe: dict, provenance: dict,
                     **changes) -> ModelPackage:
     """A copy of `package` (same graph) under `name`, its recipe extended by `recipe` and the training data of
-    `provenance`, sidecar keys replaced by `changes`; thresholds dropped (they must be recalibrated)."""
+    `provenance`, sidecar keys replaced by `changes`; thresholds and the accuracy record dropped (they must be
+    recalibrated and measured again)."""
     out_onnx = Path(out_onnx)
     if out_onnx.resolve() == package.onnx_path.resolve():
         raise InputError("write the derived package next to, not over, its source")
@@ -151,8 +152,9 @@ def derived_package(package: ModelPackage, out_onnx: str | Path, name: str, reci
     shutil.copyfile(package.onnx_path, out_onnx)
     if package.has_masked_network:
         shutil.copyfile(package.masked_network().onnx_path, masked_network_path(out_onnx))
+    # Thresholds and measured accuracy belong to the source: the copy must be calibrated and measured itself.
     meta = {k: v for k, v in package.meta.items() if k not in ("fingerprint", "thresholds", "thresholds_by_aggregation",
-                                                                 "calibration", "format")}
+                                                                 "calibration", "format", "accuracy")}
     meta["name"] = name
     # What a route map or metric was fitted on counts as training data: `edge-mfr calibrate` refuses it.
     train_data = list(package.meta.get("recipe", {}).get("train_data", []))
