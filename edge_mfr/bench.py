@@ -261,12 +261,18 @@ class FaceRecognitionPipeline:
 
 def resolve_package(model, backend: str):
     """The model package a backend runs: for ort-int8 the INT8 package of `model` (its name ending in
-    _int8, or NAME_int8.onnx beside it or among the bundled ones)."""
-    from .models.package import BUNDLED_DIR, default_model, load_package
+    _int8, or NAME_int8.onnx beside it or among the bundled ones); without a model, the bundled INT8 package of
+    the most preferred bundled model that has one (the two-network default has none yet: its networks share
+    the INT8 teacher's architecture and cost)."""
+    from .models.package import BUNDLED_DIR, DEFAULT_PREFERENCE, default_model, load_package
 
-    package = default_model() if model is None else load_package(model)
     if backend not in BACKENDS:
         raise InputError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    if model is None and backend == "ort-int8":
+        for name in DEFAULT_PREFERENCE:
+            if (BUNDLED_DIR / f"{name}_int8.onnx").is_file():
+                return load_package(BUNDLED_DIR / f"{name}_int8.onnx")
+    package = default_model() if model is None else load_package(model)
     if backend != "ort-int8" or package.name.endswith("_int8"):
         return package
     stem = Path(package.onnx_path).stem

@@ -10,7 +10,7 @@ from edge_mfr import bench
 from edge_mfr.cli import main
 from edge_mfr.cli.demo import DEMO_DIR
 from edge_mfr.errors import BackendUnavailableError, InputError
-from edge_mfr.models.package import BUNDLED_DIR, default_model
+from edge_mfr.models.package import BUNDLED_DIR, default_model, load_package
 
 QUICK = ["--iterations", "3", "--warmup", "1", "--batch-sizes", "1", "2"]
 
@@ -108,7 +108,7 @@ def test_backend_not_available_here_is_skipped_with_the_reason(demo_frames, tmp_
     assert [row["backend"] for row in result["pipelines"]] == ["ort"]
     assert result["unavailable"][0]["backend"] == "tensorrt" and "backends available here: ort" in messages[0]
     # A model with no INT8 package beside it nor among the bundled ones: ort-int8 cannot run it.
-    teacher = default_model()
+    teacher = load_package("dlib_resnet_v1")
     for suffix in (".onnx", ".json"):
         shutil.copyfile(teacher.onnx_path.with_suffix(suffix), tmp_path / f"teacher_copy{suffix}")
     model = str(tmp_path / "teacher_copy.onnx")
@@ -124,7 +124,7 @@ def test_bundled_int8_package_is_the_default_ort_int8_backend():
     package = bench.resolve_package(None, "ort-int8")
     assert package.name == "dlib_resnet_v1_int8" and package.onnx_path.parent == BUNDLED_DIR
     assert bench.available_backends()["ort-int8"] == "available"
-    assert default_model().name == "dlib_resnet_v1"  # the FP32 teacher stays the default model
+    assert default_model().name == "dlib_resnet_v1_masked_route"  # the FP32 two-network package is the default
 
 
 def test_cli_writes_table_json_and_plot(tmp_path, capsys):

@@ -20,22 +20,24 @@ TARGETS = (0.1, 0.01, 0.001)
 def package_copy(tmp_path, model_package):
     """The package copied aside, so writing thresholds never touches the original."""
     from edge_mfr.models.package import load_package
-    for path in (model_package.onnx_path, model_package.sidecar_path):
+    for path in model_package.files:
         shutil.copyfile(path, tmp_path / path.name)
     return load_package(tmp_path / model_package.onnx_path.name)
 
 
 @pytest.fixture(scope="module")
 def celeba_subset(tmp_path_factory, data_dir):
-    """5 images each of the first 4 CelebA identities with at least 5, as an identities file."""
-    celeba = data_dir / "celeba299"
+    """5 images each of the first 4 celeba_test `calib` identities with at least 5 (held out from every
+    model's training), as an identities file of that split."""
+    celeba = data_dir / "celeba_test"
     by_identity = defaultdict(list)
     for line in (celeba / "identities.txt").read_text().splitlines():
-        file, identity = line.split()
-        by_identity[identity].append(file)
+        file, identity, split = line.split()
+        if split == "calib":
+            by_identity[identity].append(file)
     chosen = [i for i in sorted(by_identity) if len(by_identity[i]) >= 5][:4]
     identities_file = tmp_path_factory.mktemp("celeba") / "identities.txt"
-    identities_file.write_text("".join(f"{f} {i}\n" for i in chosen for f in sorted(by_identity[i])[:5]))
+    identities_file.write_text("".join(f"{f} {i} calib\n" for i in chosen for f in sorted(by_identity[i])[:5]))
     return celeba / "images", identities_file
 
 
@@ -45,7 +47,7 @@ def test_calibration_matches_brute_force_and_is_written(tmp_path, celeba_subset,
     assert len(images) == 20 and len({im.identity for im in images}) == 4
     cache = tmp_path / "cache"
     result = calibrate(package_copy, images, images_dir, targets=TARGETS, scenarios=("uu", "um"),
-                       mask_family="template", cache_dir=cache, progress=False)
+                       mask_family="template", cache_dir=cache, progress=False, split="calib")
     info = result["calibration"]
     uu, um = info["scenarios"]["uu"], info["scenarios"]["um"]
 

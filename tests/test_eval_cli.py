@@ -27,7 +27,7 @@ def model_path(tmp_path_factory):
     except ModelPackageError as exc:
         pytest.skip(f"no model package to run the commands with: {exc}")
     folder = tmp_path_factory.mktemp("model")
-    for path in (package.onnx_path, package.sidecar_path):
+    for path in package.files:
         shutil.copyfile(path, folder / path.name)
     return folder / package.onnx_path.name
 

@@ -16,7 +16,7 @@ from edge_mfr.models.package import bundled_models, default_model, load_package,
 @pytest.fixture()
 def package_copy(tmp_path):
     bundled = default_model()
-    for path in (bundled.onnx_path, bundled.sidecar_path):
+    for path in bundled.files:
         shutil.copyfile(path, tmp_path / path.name)
     return load_package(tmp_path / bundled.onnx_path.name)
 
@@ -41,11 +41,17 @@ META = {"name": "tiny", "architecture": "tiny", "embedding_size": 128,
         "alignment": {"template": [[38.29, 51.7], [73.53, 51.5], [56.03, 71.74], [41.55, 92.37], [70.73, 92.2]]}}
 
 
-def test_bundled_teacher_loads_with_calibrated_thresholds():
+def test_bundled_models_load_with_calibrated_thresholds():
+    """The default is the two-network package (the teacher for unmasked faces, a masked-route network for masked
+    ones), with thresholds per route; the teacher alone is bundled beside it."""
     package = default_model()
-    assert package.name in {p.name for p in bundled_models()}
-    assert package.input_size == (150, 150) and package.embedding_size == 128
-    assert package.threshold_for(1e-4) > package.threshold_for(1e-3)
+    assert package.name == "dlib_resnet_v1_masked_route" and package.has_masked_network
+    assert [p.name for p in bundled_models()] == ["dlib_resnet_v1", "dlib_resnet_v1_int8", "dlib_resnet_v1_masked_route"]
+    for package in (default_model(), load_package("dlib_resnet_v1")):
+        assert package.input_size == (150, 150) and package.embedding_size == 128
+        assert package.threshold_for(1e-4) > package.threshold_for(1e-3)
+        assert package.threshold_for(1e-4, route="masked") > package.threshold_for(1e-3, route="masked")
+    assert default_model().masked_network().onnx_path.name == "dlib_resnet_v1_masked_route.masked.onnx"
 
 
 def test_bundled_int8_teacher_is_calibrated_and_agrees_with_fp32_on_a_real_face():
@@ -57,7 +63,7 @@ def test_bundled_int8_teacher_is_calibrated_and_agrees_with_fp32_on_a_real_face(
     from edge_mfr.detect import get_detector
     from edge_mfr.embed import FaceEmbedder
 
-    teacher = default_model()
+    teacher = load_package("dlib_resnet_v1")
     int8 = load_package("dlib_resnet_v1_int8")  # bundled name; checks sidecar, fingerprint and graph shapes
     assert teacher.name == "dlib_resnet_v1" and int8.name in {p.name for p in bundled_models()}
     assert int8.fingerprint != teacher.fingerprint and int8.input_size == teacher.input_size

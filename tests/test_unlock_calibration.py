@@ -43,12 +43,14 @@ def test_unlock_calibration_on_real_faces_writes_per_aggregation_thresholds(tmp_
     from edge_mfr.models.package import default_model, load_package
 
     bundled = default_model()
-    for path in (bundled.onnx_path, bundled.sidecar_path):
+    for path in bundled.files:
         shutil.copyfile(path, tmp_path / path.name)
     package = load_package(tmp_path / bundled.onnx_path.name)
-    celeba = data_dir / "celeba299"
-    images = read_labelled_images(celeba / "images", celeba / "identities.txt", max_per_identity=4)[:40]
-    result = calibrate_unlock(package, images, celeba, targets=(0.1, 1e-5), enroll_per_identity=2, progress=False)
+    celeba = data_dir / "celeba_test"  # split calib: held out from every model's training
+    images = read_labelled_images(celeba / "images", celeba / "identities.txt", split="calib",
+                                  max_per_identity=4)[:40]
+    result = calibrate_unlock(package, images, celeba / "images", targets=(0.1, 1e-5), enroll_per_identity=2,
+                              progress=False, split="calib")
     evidence = result["calibration"]["evidence"]
     assert set(result["thresholds"]) == {"max", "mean"}
     assert result["aggregation"] in ("max", "mean") and "FMR 0.1" in result["calibration"]["aggregation_choice"]
@@ -60,7 +62,9 @@ def test_unlock_calibration_on_real_faces_writes_per_aggregation_thresholds(tmp_
         rows = evidence[aggregation]["0.1"]
         assert table["all"]["0.1"] == max(table["masked"]["0.1"], table["unmasked"]["0.1"])
         assert table["masked"]["0.1"] == rows["route masked"]["threshold"]
-        assert all(r["observed_fmr"] <= 0.1 for r in rows.values() if "observed_fmr" in r)
+        # each route's threshold meets the target on its attempts; a drawn variant mixes routes, so its FMR at
+        # those thresholds is measured, not guaranteed (here it lands either side of 0.1)
+        assert all(rows[f"route {route}"]["observed_fmr"] <= 0.1 for route in ("masked", "unmasked"))
         # what people feel: each drawn variant judged by the thresholds of the routes its attempts took
         assert rows["drawn masked"]["at"] == "route thresholds"
         assert rows["drawn unmasked"]["n_genuine"] + rows["drawn masked"]["n_genuine"] == \

@@ -28,7 +28,7 @@ from ..errors import ModelPackageError
 FORMAT = "edge-mfr-model/1"
 BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
 # Preference order for the default model: the best bundled one first.
-DEFAULT_PREFERENCE = ("dlib_resnet_v1",)
+DEFAULT_PREFERENCE = ("dlib_resnet_v1_masked_route", "dlib_resnet_v1")
 MASKED_NETWORK_SUFFIX = ".masked.onnx"  # the masked-route graph of a two-network package
 REQUIRED_KEYS = ("format", "name", "architecture", "input", "alignment", "embedding_size", "fingerprint")
 
@@ -196,6 +196,12 @@ class ModelPackage:
 
         entry = (self.meta.get("scoring") or {}).get("cohort") or {}
         return RouteScoring(self.route_metric(route), self.score_cohort(route), int(entry.get("top_k", 100)))
+
+    @property
+    def files(self) -> list[Path]:
+        """Every file of the package (to copy or ship it): the graph, a masked-route graph, the sidecar."""
+        return [self.onnx_path] + ([masked_network_path(self.onnx_path)] if self.has_masked_network else []) + \
+            [self.sidecar_path]
 
     @property
     def has_masked_network(self) -> bool:
