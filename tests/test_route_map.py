@@ -38,6 +38,15 @@ def test_alpha_is_selected_on_identity_disjoint_folds():
     assert alpha in [t["alpha"] for t in trials[1:]]
 
 
+@pytest.fixture(scope="module")
+def model_package():
+    """The bundled teacher: one network and no map of its own, which these tests give one (the default
+    two-network package already has a masked-route map)."""
+    from edge_mfr.models.package import load_package
+
+    return load_package("dlib_resnet_v1")
+
+
 @pytest.fixture
 def routed_package(tmp_path, model_package):
     rng = np.random.default_rng(2)

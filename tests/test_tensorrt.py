@@ -21,7 +21,7 @@ import onnxruntime as ort
 import pytest
 
 from edge_mfr.errors import BackendUnavailableError, InputError, ModelPackageError
-from edge_mfr.models.package import ModelPackage, default_model
+from edge_mfr.models.package import ModelPackage, load_package
 from edge_mfr.runtime import tensorrt as trt_backend
 from edge_mfr.runtime.ort import OrtEmbedder
 
@@ -333,7 +333,7 @@ def fake_libraries(version: str = "10.0.0.fake", compute_capability=(8, 7)):
 @pytest.fixture(scope="module")
 def teacher() -> ModelPackage:
     try:
-        return default_model()
+        return load_package("dlib_resnet_v1")  # the bundled teacher: one network (the default has two)
     except ModelPackageError as exc:
         pytest.skip(f"no bundled model package: {exc}")
 
