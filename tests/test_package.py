@@ -52,6 +52,7 @@ def test_bundled_models_load_with_calibrated_thresholds():
         assert package.threshold_for(1e-4) > package.threshold_for(1e-3)
         assert package.threshold_for(1e-4, route="masked") > package.threshold_for(1e-3, route="masked")
     assert default_model().masked_network().onnx_path.name == "dlib_resnet_v1_masked_route.masked.onnx"
+    assert "trained on CelebA" in default_model().meta["licence"]  # its masked-route network's terms
 
 
 def test_bundled_int8_teacher_is_calibrated_and_agrees_with_fp32_on_a_real_face():
@@ -159,6 +160,7 @@ def test_a_two_network_package_embeds_the_masked_route_with_its_second_graph(two
     assert two.meta["masked_network"]["graph_sha256"] == int8.fingerprint
     assert not two.thresholds and "masked" not in (two.meta.get("scoring") or {})  # fitted for the other network
     assert "accuracy" not in two.meta  # the teacher's measured accuracy is not the new package's
+    assert "masked route, network dlib_resnet_v1_int8" in two.meta["licence"]  # both networks' terms
 
     image = load_image(Path(__file__).resolve().parents[1] / "edge_mfr" / "demo_data" / "person_a_1.jpg")
     landmarks = get_detector("yunet").detect_largest(image).landmarks[None]

@@ -183,8 +183,8 @@ def _info(args) -> int:
               f"{cohort['masked']['shape'][0]} masked faces, top {cohort['top_k']}")
     if package.has_masked_network:
         masked = meta["masked_network"]
-        print(f"masked route: a second network, {package.masked_network().onnx_path.name} "
-              f"({masked.get('method', 'trained for masked faces')})")
+        print(f"masked route: network {masked.get('name', '?')} ({package.masked_network().onnx_path.name}) embeds "
+              "faces the quality gate judges masked")
     print(f"licence:      {meta.get('licence', 'not stated')}")
     for key, value in sorted((meta.get("recipe") or {}).items()):
         print(f"recipe.{key}: {json.dumps(value, sort_keys=True)}")

@@ -50,6 +50,10 @@ def with_masked_network(package: ModelPackage, network: ModelPackage, out_onnx: 
              "graph_sha256": file_sha256(network.onnx_path), "recipe": recipe,
              "licence": network.meta.get("licence", package.meta.get("licence"))}
     scoring = {k: v for k, v in (package.meta.get("scoring") or {}).items() if k == "unmasked"}
+    licence = (f"unmasked route: {package.meta.get('licence', 'not stated')} | masked route, network "
+               f"{network.name}: {entry['licence'] or 'not stated'}; whatever is fitted for the masked route (map, "
+               "metric) carries the terms of the data it is fitted on; the package as a whole is under the most "
+               "restrictive of these")
     return derived_package(package, out_onnx, name, {"masked_network": f"{network.name} (sidecar masked_network)"},
                            {"train_data": list(recipe.get("train_data", []))}, masked_network=entry,
-                           scoring=scoring, routes={})
+                           scoring=scoring, routes={}, licence=licence)
