@@ -208,6 +208,11 @@ def test_a_two_network_package_with_a_missing_or_swapped_second_graph_is_refused
     second.unlink()
     with pytest.raises(ModelPackageError, match="two.masked.onnx is not beside it"):
         load_package(two_network_package.onnx_path)
+    meta = json.loads(two_network_package.sidecar_path.read_text())
+    del meta["masked_network"]["graph_sha256"]
+    two_network_package.sidecar_path.write_text(json.dumps(meta))
+    with pytest.raises(ModelPackageError, match="with its graph_sha256"):
+        load_package(two_network_package.onnx_path)
 
 
 def test_a_masked_route_network_must_share_the_input_and_embedding(two_network_package, tmp_path):

@@ -69,7 +69,7 @@ def _list(args) -> int:
             except EdgeMfrError as exc:
                 broken.append(f"{onnx_path}: {exc}")
                 continue
-            graphs = [onnx_path] + ([package.masked_network().onnx_path] if package.has_masked_network else [])
+            graphs = [f for f in package.files if f != package.sidecar_path]
             rows.append({"origin": origin, **package.summary(), "size_bytes": sum(g.stat().st_size for g in graphs),
                          "params": params, "gmacs": None if macs is None else macs / 1e9,
                          "backend": "onnxruntime", "precision": _precision(package.meta),

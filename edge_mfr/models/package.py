@@ -50,8 +50,8 @@ def package_fingerprint(onnx_path: Path, meta: dict) -> str:
     parts = [graph]
     if meta.get("routes"):
         parts.append(json.dumps(meta["routes"], sort_keys=True, separators=(",", ":")))
-    if meta.get("masked_network"):
-        parts.append("masked_network:" + file_sha256(masked_network_path(onnx_path)))
+    if meta.get("masked_network"):  # its graph's hash, checked against the file by _check_masked_network_file
+        parts.append("masked_network:" + meta["masked_network"]["graph_sha256"])
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
@@ -212,9 +212,9 @@ class ModelPackage:
         NAME.masked, fingerprinted by its graph), for a backend to run; None for a one-network package."""
         if not self.has_masked_network:
             return None
-        path = masked_network_path(self.onnx_path)
         meta = {k: v for k, v in self.meta.items() if k not in ("masked_network", "routes", "scoring")}
-        return ModelPackage(path, {**meta, "name": f"{self.name}.masked", "fingerprint": file_sha256(path)})
+        return ModelPackage(masked_network_path(self.onnx_path), {
+            **meta, "name": f"{self.name}.masked", "fingerprint": self.meta["masked_network"]["graph_sha256"]})
 
     def summary(self) -> dict:
         return {
@@ -252,8 +252,10 @@ def _validate_meta(meta: dict, where: Path) -> None:
         raise ModelPackageError(f"{where}: alignment template must be 5 finite (x, y) points")
     if embedding <= 0:
         raise ModelPackageError(f"{where}: embedding_size must be positive")
-    if meta.get("masked_network") is not None and not isinstance(meta["masked_network"], dict):
-        raise ModelPackageError(f"{where}: masked_network must be an object describing NAME{MASKED_NETWORK_SUFFIX}")
+    masked = meta.get("masked_network")
+    if masked is not None and not (isinstance(masked, dict) and isinstance(masked.get("graph_sha256"), str)):
+        raise ModelPackageError(f"{where}: masked_network must be an object describing NAME{MASKED_NETWORK_SUFFIX} "
+                                "with its graph_sha256")
     for route, entry in (meta.get("scoring") or {}).items():
         if route == "cohort":
             _validate_cohort(entry, embedding, where)
@@ -314,9 +316,17 @@ def _check_graph(onnx_path: Path, meta: dict) -> None:
 
 
 def _check_masked_network_file(onnx_path: Path, meta: dict) -> None:
-    if meta.get("masked_network") and not masked_network_path(onnx_path).is_file():
-        raise ModelPackageError(f"{onnx_path}: the sidecar names a masked-route graph, but "
-                                f"{masked_network_path(onnx_path).name} is not beside it")
+    """The masked-route graph the sidecar names is beside the package and hashes to its `graph_sha256` (which
+    the fingerprint covers), so it is hashed once per load."""
+    if not meta.get("masked_network"):
+        return
+    path = masked_network_path(onnx_path)
+    if not path.is_file():
+        raise ModelPackageError(f"{onnx_path}: the sidecar names a masked-route graph, but {path.name} is not beside it")
+    expected, actual = meta["masked_network"]["graph_sha256"], file_sha256(path)
+    if actual != expected:
+        raise ModelPackageError(f"{onnx_path.with_suffix('.json')}: sidecar does not match its graphs ({path.name} "
+                                f"hashes to {actual[:12]}, the sidecar says {expected[:12]}); re-export the package")
 
 
 def _check_graphs(onnx_path: Path, meta: dict) -> None:
@@ -335,9 +345,10 @@ def save_package(onnx_path: str | Path, meta: dict) -> ModelPackage:
         raise ModelPackageError(f"{onnx_path}: names ending in {MASKED_NETWORK_SUFFIX} are kept for the masked-route "
                                 "graph of a two-network package")
     meta = {"thresholds": {}, "calibration": {}, "recipe": {}, **meta, "format": FORMAT}
+    meta["fingerprint"] = ""  # filled below, once the sidecar is known to be well formed
+    _validate_meta(meta, onnx_path)
     _check_masked_network_file(onnx_path, meta)
     meta["fingerprint"] = package_fingerprint(onnx_path, meta)
-    _validate_meta(meta, onnx_path)
     _check_graphs(onnx_path, meta)
     _write_json_atomic(onnx_path.with_suffix(".json"), meta)
     return ModelPackage(onnx_path, meta)

@@ -151,7 +151,7 @@ def derived_package(package: ModelPackage, out_onnx: str | Path, name: str, reci
     out_onnx.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(package.onnx_path, out_onnx)
     if package.has_masked_network:
-        shutil.copyfile(package.masked_network().onnx_path, masked_network_path(out_onnx))
+        shutil.copyfile(masked_network_path(package.onnx_path), masked_network_path(out_onnx))
     # Thresholds and measured accuracy belong to the source: the copy must be calibrated and measured itself.
     meta = {k: v for k, v in package.meta.items() if k not in ("fingerprint", "thresholds", "thresholds_by_aggregation",
                                                                  "calibration", "format", "accuracy")}

@@ -238,8 +238,8 @@ def masked_route_tpr(teacher_clean: torch.Tensor, masked: torch.Tensor, labels: 
     for label in torch.unique(labels):
         rows = torch.nonzero(labels == label).flatten()
         rank[rows] = torch.arange(len(rows), device=labels.device)
-    counts = torch.bincount(torch.unique(labels, return_inverse=True)[1])
-    usable = counts[torch.unique(labels, return_inverse=True)[1]] > enrolled
+    _, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+    usable = counts[inverse] > enrolled
     is_template = usable & (rank < enrolled)
     probes = torch.nonzero(usable & (rank >= enrolled)).flatten()
     templates = torch.cat([teacher_clean[is_template], masked[is_template]])
