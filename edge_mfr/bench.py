@@ -262,8 +262,7 @@ class FaceRecognitionPipeline:
 def resolve_package(model, backend: str):
     """The model package a backend runs: for ort-int8 the INT8 package of `model` (its name ending in
     _int8, or NAME_int8.onnx beside it or among the bundled ones); without a model, the bundled INT8 package of
-    the most preferred bundled model that has one (the two-network default has none yet: its networks share
-    the INT8 teacher's architecture and cost)."""
+    the most preferred bundled model that has one."""
     from .models.package import BUNDLED_DIR, DEFAULT_PREFERENCE, default_model, load_package
 
     if backend not in BACKENDS:

@@ -172,14 +172,10 @@ def test_a_two_network_package_embeds_the_masked_route_with_its_second_graph(two
 
 
 def test_a_derived_copy_of_a_two_network_package_keeps_both_graphs(two_network_package, tmp_path):
-    from edge_mfr.errors import InputError
     from edge_mfr.models.route_metric import with_masked_metric
-    from edge_mfr.quant.ptq import quantize_package
 
     copy = with_masked_metric(two_network_package, None, tmp_path / "copy" / "copy.onnx", "copy", {})
     assert copy.masked_network().onnx_path.is_file() and copy.fingerprint == two_network_package.fingerprint
-    with pytest.raises(InputError, match="has two networks"):
-        quantize_package(copy, tmp_path / "int8", tmp_path / "no_manifest.json")
 
 
 def test_a_two_network_package_takes_a_masked_route_map_once(two_network_package, tmp_path):

@@ -134,6 +134,48 @@ def test_models_list_shows_size_complexity_precision_and_recorded_accuracy(quant
     assert int8["lfw"]["pairs"] == 20 and int8["lfw"]["um"] == package.meta["accuracy"]["lfw"]["um"]
 
 
+def test_a_two_network_package_is_quantized_graph_by_graph(teacher, data_dir, tmp_path, capsys):
+    """The bundled default (the teacher + a masked-route network): both graphs become INT8 in one package; the
+    masked-route graph is calibrated on the manifest's masked faces only, the held-out gate embeds masked faces
+    through it, and the route map survives (it acts on embeddings)."""
+    from edge_mfr.embed import FaceEmbedder
+
+    source = load_package("dlib_resnet_v1_masked_route")
+    assert source.has_masked_network
+    out = tmp_path / "out"
+    code, out_text, err = run_cli(["quantize", str(source.onnx_path), "-o", str(out), "--data-root", str(data_dir),
+                                   "--limit", "16", "--gate-faces", "4", "--lfw-pairs", "0", "--min-mean-cosine",
+                                   "0.9", "--threads", "2"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == [f"{source.name}_int8.json", f"{source.name}_int8.masked.onnx",
+                                                      f"{source.name}_int8.onnx"]
+    int8 = load_package(out / f"{source.name}_int8.onnx")  # checks both graphs against the sidecar
+    assert int8.has_masked_network and int8.fingerprint != source.fingerprint and int8.thresholds == {}
+    assert int8.meta["masked_network"]["graph_sha256"] != source.meta["masked_network"]["graph_sha256"]
+    assert np.array_equal(int8.route_map("masked")[0], source.route_map("masked")[0])
+    recipe = int8.meta["recipe"]["quantization"]
+    masked_faces = sum(e.mask_type is not None for e in load_manifest().entries[:16])
+    assert recipe["calibration_manifest"]["faces_used"] == 16
+    assert recipe["masked_network"]["agreement_on_calibration_faces"]["faces"] == masked_faces
+    assert recipe["gate"]["held_out"]["masked_faces"] == 2 and recipe["gate"]["passed"]
+    assert "these INT8 graphs are derived" in int8.meta["licence"]
+
+    # Each route of the INT8 package agrees with the same route of the FP32 one, and the routes differ.
+    faces = held_out_faces(data_dir, source)[1::2]  # the masked variants
+    fp32, quantized = FaceEmbedder(source, threads=2), FaceEmbedder(int8, threads=2)
+    masked_cosine = np.sum(fp32.embed_batch(faces, "masked") * quantized.embed_batch(faces, "masked"), axis=1)
+    assert masked_cosine.min() > 0.9, f"masked route: min cosine {masked_cosine.min():.4f}"
+    assert not np.allclose(quantized.embed_batch(faces, "masked"), quantized.embed_batch(faces, "unmasked"), atol=1e-2)
+
+
+def test_a_two_network_package_needs_masked_calibration_faces(data_dir, tmp_path, capsys):
+    source = load_package("dlib_resnet_v1_masked_route")
+    code, _, err = run_cli(["quantize", str(source.onnx_path), "-o", str(tmp_path / "out"), "--data-root",
+                            str(data_dir), "--limit", "8", "--no-gate"], capsys)
+    assert code == 2 and "4 of the 8 faces used are masked, fewer than 8" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_gate_refuses_an_int8_model_beyond_a_bound_with_exit_2(teacher, data_dir, tmp_path, capsys):
     """No INT8 graph matches FP32 exactly, so a mean cosine of 1.0 cannot be met: exit 2, nothing written,
     and an earlier package in the output folder is left alone."""

@@ -124,6 +124,10 @@ def run(args) -> int:
         print(f"wrote {quantized.onnx_path} ({quantized.name}, fingerprint {quantized.fingerprint[:12]})")
         print(f"calibrated on {agreement['faces']} faces of manifest {recipe['calibration_manifest']['sha256'][:12]}; "
               f"fp32/int8 cosine on them: mean {agreement['mean_cosine']:.4f}, min {agreement['min_cosine']:.4f}")
+        if "masked_network" in recipe:
+            masked = recipe["masked_network"]["agreement_on_calibration_faces"]
+            print(f"masked-route network: {masked['faces']} masked calibration faces; fp32/int8 cosine on them: "
+                  f"mean {masked['mean_cosine']:.4f}, min {masked['min_cosine']:.4f}")
         if "gate" in recipe:
             _print_gate(recipe["gate"])
             print("accuracy gate: passed")

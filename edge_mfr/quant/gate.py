@@ -130,10 +130,17 @@ def _embed(package, faces: np.ndarray, threads: int | None) -> np.ndarray:
 
 
 def held_out_agreement(fp32, int8, faces: HeldOutFaces, threads: int | None = None) -> dict:
-    """Cosine between FP32 and INT8 embeddings of each held-out face: mean and min, overall and per variant."""
+    """Cosine between FP32 and INT8 embeddings of each held-out face: mean and min, overall and per variant.
+    Masked faces go through a two-network package's masked-route graph, as an unlock sends them."""
     aligned = faces.aligned_for(fp32)
-    cosine = np.sum(_embed(fp32, aligned, threads) * _embed(int8, aligned, threads), axis=1)
     masked = np.asarray(faces.masked)
+    cosine = np.empty(len(aligned))
+    for route_masked in (False, True):
+        rows = masked == route_masked
+        if rows.any():
+            models = [(p.masked_network() or p) if route_masked else p for p in (fp32, int8)]
+            cosine[rows] = np.sum(_embed(models[0], aligned[rows], threads) * _embed(models[1], aligned[rows], threads),
+                                  axis=1)
     return {"source": f"{HELD_OUT_SOURCE} {CELEBA_TEST_HELD_OUT_SPLIT} split (identities disjoint from training "
                       "and calibration), MTCNN landmarks",
             "faces": int(cosine.size), "masked_faces": int(masked.sum()),

@@ -21,6 +21,10 @@ embeddings disagree with the fp32 model's on the calibration faces (mean cosine 
 held-out data than the caller's bounds allow (edge_mfr.quant.gate). Calibrated thresholds are not carried
 over: int8 scores shift slightly, so the new package must be calibrated again (`edge-mfr calibrate`)
 before it is used for unlock decisions.
+
+A two-network package (a masked-route graph, edge_mfr.models.masked_network) is quantized graph by graph with
+the same method: the first graph on every calibration face, the masked-route graph on the manifest's masked
+faces only, since no other face reaches it. Route maps and metrics are kept: they act on embeddings.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BackendUnavailableError, InputError, ModelPackageError
-from ..models.package import ModelPackage, save_package
+from ..models.package import ModelPackage, file_sha256, masked_network_path, save_package
 from .gate import LFW_SCENARIOS, GateConfig, QuantizationGateError, run_gate
 from .manifest import CalibrationManifest, calibration_faces, default_data_root, load_manifest
 
@@ -44,6 +48,7 @@ CALIBRATE_METHODS = ("minmax", "entropy", "percentile")
 # NAME_int8 for the default method; NNCF's result gets its own name so both can sit side by side.
 NAME_SUFFIX = {"ort": "_int8", "nncf": "_int8_nncf"}
 DEFAULT_BATCH = 16
+MIN_MASKED_CALIBRATION_FACES = 8  # ranges from fewer faces than this are noise
 
 
 def _require(module: str):
@@ -187,13 +192,17 @@ def quantize_package(package: ModelPackage, out_dir: str | Path,
         raise InputError(f"calibrate_method must be one of {CALIBRATE_METHODS}, got {calibrate_method!r}")
     if package.meta.get("recipe", {}).get("quantization"):
         raise InputError(f"model {package.name!r} is already quantized; quantize its fp32 source instead")
-    if package.has_masked_network:
-        raise InputError(f"model {package.name!r} has two networks (a masked-route graph); quantizing them together "
-                         "is not supported yet: quantize its one-network source")
     if not isinstance(manifest, CalibrationManifest):
         manifest = load_manifest(manifest)
     root = Path(data_root) if data_root is not None else default_data_root()
     faces = calibration_faces(manifest, package, root, limit)
+    entries = manifest.entries[:len(faces)]
+    # A masked-route graph only ever sees faces on the masked route: its ranges come from the manifest's masked faces.
+    masked_faces = faces[[e.mask_type is not None for e in entries]] if package.has_masked_network else None
+    if masked_faces is not None and len(masked_faces) < MIN_MASKED_CALIBRATION_FACES:
+        raise InputError(f"model {package.name!r} has a masked-route network, which is calibrated on the manifest's "
+                         f"masked faces: {len(masked_faces)} of the {len(faces)} faces used are masked, fewer than "
+                         f"{MIN_MASKED_CALIBRATION_FACES} (raise --limit or use a manifest with masked faces)")
 
     out_dir = Path(out_dir)
     name = package.name + NAME_SUFFIX[method]
@@ -203,24 +212,16 @@ def quantize_package(package: ModelPackage, out_dir: str | Path,
     settings = {"batch": int(batch), "per_channel": bool(per_channel), "reduce_range": bool(reduce_range),
                 "calibrate_method": calibrate_method}
 
-    quantization = _require("onnxruntime.quantization")
     import onnxruntime as ort
 
     with tempfile.TemporaryDirectory(prefix="edge-mfr-quant-") as tmp:
-        prepared = Path(tmp) / "prepared.onnx"
-        quantized = Path(tmp) / f"{name}.onnx"
-        quantization.quant_pre_process(str(package.onnx_path), str(prepared))
-        input_name = ort.InferenceSession(str(prepared), providers=["CPUExecutionProvider"]).get_inputs()[0].name
-        (_quantize_ort if method == "ort" else _quantize_nncf)(prepared, quantized, faces, input_name, settings)
-        try:
-            agreement = embedding_agreement(package.onnx_path, quantized, faces)
-        except Exception as exc:  # onnxruntime's errors derive from Exception only
-            raise ModelPackageError(f"the int8 {method} graph of {package.name!r} does not run in ONNX Runtime "
-                                    f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]})") from None
-        if not agreement["mean_cosine"] >= min_calibration_cosine:
-            raise ModelPackageError(
-                f"int8 {method} quantization of {package.name!r} disagrees with fp32 on the calibration faces "
-                f"(mean cosine {agreement['mean_cosine']:.4f} < {min_calibration_cosine}); not saving it")
+        quantized, agreement = _quantize_graph(package.onnx_path, Path(tmp) / f"{name}.onnx", faces, method, settings,
+                                               min_calibration_cosine, package.name)
+        masked_quantized = masked_agreement = None
+        if masked_faces is not None:
+            masked_quantized, masked_agreement = _quantize_graph(
+                masked_network_path(package.onnx_path), masked_network_path(quantized), masked_faces, method,
+                settings, min_calibration_cosine, f"{package.name} (masked-route network)")
 
         if method == "ort":
             tool = {"tool": "onnxruntime.quantization.quantize_static", "version": ort.__version__,
@@ -241,10 +242,13 @@ def quantize_package(package: ModelPackage, out_dir: str | Path,
             "source": {"name": package.name, "fingerprint": package.fingerprint},
             "calibration_manifest": {"sha256": manifest.sha256, "file": manifest.path.name,
                                      "faces_used": int(len(faces)),
-                                     "masked_used": sum(e.mask_type is not None
-                                                        for e in manifest.entries[:len(faces)])},
+                                     "masked_used": sum(e.mask_type is not None for e in entries)},
             "agreement_on_calibration_faces": agreement,
         }
+        if masked_quantized is not None:
+            recipe["quantization"]["masked_network"] = {
+                "calibration_faces": "the manifest's masked faces (the only faces its route sees)",
+                "agreement_on_calibration_faces": masked_agreement}
         meta = {key: value for key, value in package.meta.items()
                 if key not in ("fingerprint", "thresholds", "thresholds_by_aggregation", "calibration", "accuracy",
                                "complexity")}
@@ -257,8 +261,12 @@ def quantize_package(package: ModelPackage, out_dir: str | Path,
                     complexity={"params": counts.params, "macs": counts.macs, "counted_on": "fp32 source graph"})
         if package.meta.get("licence"):
             # A quantized graph is a derivative of its source: the source's terms, and where it came from.
-            meta["licence"] = (f"{package.meta['licence']}; this INT8 graph is derived from package "
+            graphs = "these INT8 graphs are" if masked_quantized is not None else "this INT8 graph is"
+            meta["licence"] = (f"{package.meta['licence']}; {graphs} derived from package "
                                f"{package.name} ({package.fingerprint[:12]}) by edge-mfr quantize, same terms")
+        if masked_quantized is not None:
+            meta["masked_network"] = {**package.meta["masked_network"], "graph_sha256": file_sha256(masked_quantized),
+                                      "quantization": f"{method} int8, as the first graph (recipe.quantization)"}
         candidate = save_package(quantized, meta)
 
         if gate is not None:
@@ -277,7 +285,32 @@ def quantize_package(package: ModelPackage, out_dir: str | Path,
                     + "; ".join(measured["failures"]), measured)
 
         out_dir.mkdir(parents=True, exist_ok=True)
-        staged = out_dir / f".{name}.onnx.partial"
-        shutil.copyfile(quantized, staged)
-        os.replace(staged, out_onnx)
+        # The masked graph lands first: the sidecar (written last, by save_package) names it by hash.
+        for src, dst in ([(masked_quantized, masked_network_path(out_onnx))] if masked_quantized else []) + \
+                [(quantized, out_onnx)]:
+            staged = dst.with_name(f".{dst.name}.partial")
+            shutil.copyfile(src, staged)
+            os.replace(staged, dst)
     return save_package(out_onnx, meta)
+
+
+def _quantize_graph(src: Path, dst: Path, faces: np.ndarray, method: str, settings: dict,
+                    min_calibration_cosine: float, what: str) -> tuple[Path, dict]:
+    """Quantize one graph on `faces` into `dst` (a temporary folder); refuse it when it disagrees with fp32 there."""
+    quantization = _require("onnxruntime.quantization")
+    import onnxruntime as ort
+
+    prepared = dst.with_name(dst.stem + ".prepared.onnx")
+    quantization.quant_pre_process(str(src), str(prepared))
+    input_name = ort.InferenceSession(str(prepared), providers=["CPUExecutionProvider"]).get_inputs()[0].name
+    (_quantize_ort if method == "ort" else _quantize_nncf)(prepared, dst, faces, input_name, settings)
+    try:
+        agreement = embedding_agreement(src, dst, faces)
+    except Exception as exc:  # onnxruntime's errors derive from Exception only
+        raise ModelPackageError(f"the int8 {method} graph of {what!r} does not run in ONNX Runtime "
+                                f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]})") from None
+    if not agreement["mean_cosine"] >= min_calibration_cosine:
+        raise ModelPackageError(
+            f"int8 {method} quantization of {what!r} disagrees with fp32 on the calibration faces "
+            f"(mean cosine {agreement['mean_cosine']:.4f} < {min_calibration_cosine}); not saving it")
+    return dst, agreement
