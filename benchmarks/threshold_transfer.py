@@ -60,7 +60,8 @@ def main() -> int:
     for package in packages:
         scoring = {route: package.route_scoring(route) for route in ROUTES}
         for aggregation in ("max", "mean"):
-            scores = {(v, r): attempt_scores(templates, [p for p in probes[v] if p[2] == r], aggregation, scoring)
+            scores = {(v, r): attempt_scores(templates, [p for p in probes[v] if p[2] == r], aggregation, scoring,
+                                             package.masked_probe_templates)
                       for v in VARIANTS for r in ROUTES if any(p[2] == r for p in probes[v])}
             for target in args.targets:
                 lfw_own = {r: metrics.threshold_for_fmr(

@@ -376,18 +376,19 @@ class Gallery:
             "templates": copy.deepcopy(record.template_info),
         }
 
-    def templates(self, name: str, route: str | None = None) -> np.ndarray:
+    def templates(self, name: str, route: str | None = None, masked_probe_templates: str = "all") -> np.ndarray:
         """(T, D) float32 copy of one user's templates; with a probe `route`, those `match.route_rows`
-        scores such a probe against."""
-        return _route_templates(self._user(name)[1], route).copy()
+        scores such a probe against (under the model's `masked_probe_templates` rule)."""
+        return _route_templates(self._user(name)[1], route, masked_probe_templates).copy()
 
-    def all_templates(self, route: str | None = None) -> tuple[list[str], np.ndarray]:
+    def all_templates(self, route: str | None = None,
+                      masked_probe_templates: str = "all") -> tuple[list[str], np.ndarray]:
         """(owner name per row, (M, D) float32 templates of every user), for matching; `route` as in
         `templates`."""
         names: list[str] = []
         blocks = []
         for name, record in self._state.users.items():
-            rows = _route_templates(record, route)
+            rows = _route_templates(record, route, masked_probe_templates)
             names.extend([name] * len(rows))
             blocks.append(rows)
         if not blocks:
@@ -618,10 +619,11 @@ def _validate_name(name: str) -> str:
     return name
 
 
-def _route_templates(record: _UserRecord, route: str | None) -> np.ndarray:
+def _route_templates(record: _UserRecord, route: str | None, masked_probe_templates: str = "all") -> np.ndarray:
     if route is None:
         return record.templates
-    return record.templates[route_rows([info["masked"] for info in record.template_info], route)]
+    return record.templates[route_rows([info["masked"] for info in record.template_info], route,
+                                       masked_probe_templates)]
 
 
 def _template_matrix(templates: np.ndarray) -> np.ndarray:

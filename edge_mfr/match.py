@@ -11,24 +11,30 @@ from .errors import InputError
 
 AGGREGATIONS = ("max", "mean")
 ROUTES = ("unmasked", "masked")  # the quality gate's mask estimate of a probe
+MASKED_PROBE_TEMPLATES = ("all", "masked")  # route_rows: what a masked probe meets
 TEMPLATE_CACHE_ROWS = 200_000  # cached template statistics per route scoring (about 15 MB)
 
 
-def route_rows(masked: np.ndarray, route: str) -> np.ndarray:
+def route_rows(masked: np.ndarray, route: str, masked_probe_templates: str = "all") -> np.ndarray:
     """Which of one user's templates (their `masked` flags, (T,) bool) a probe of `route` is scored against.
 
     A probe the quality gate judges unmasked meets the user's unmasked templates only: masked templates,
     real or synthetic, raise impostor scores more than genuine ones there (celeba_test calib, teacher, FNMR
     of the unmasked route at FMR 1e-4: 45.5% against 57.6% with every template; docs/results.md). A masked
-    probe meets every template (the masked ones are what it needs), and so does any probe of a user who has
-    no unmasked template.
+    probe meets every template (`masked_probe_templates="all"`), or the masked ones only ("masked": the
+    package's rule, `ModelPackage.masked_probe_templates`); any probe of a user who has templates of one kind
+    only meets those.
     """
     if route not in ROUTES:
         raise InputError(f"route must be one of {ROUTES}, got {route!r}")
+    if masked_probe_templates not in MASKED_PROBE_TEMPLATES:
+        raise InputError(f"masked_probe_templates must be one of {MASKED_PROBE_TEMPLATES}, got {masked_probe_templates!r}")
     masked = np.asarray(masked, bool)
-    if route == "masked" or masked.all():
+    if masked.all() or not masked.any():
         return np.ones(len(masked), bool)
-    return ~masked
+    if route == "unmasked":
+        return ~masked
+    return masked.copy() if masked_probe_templates == "masked" else np.ones(len(masked), bool)
 
 
 def scoring_space(vectors: np.ndarray, weight: np.ndarray | None) -> np.ndarray:

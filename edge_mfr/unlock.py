@@ -299,7 +299,8 @@ class FaceUnlock:
         """1:1: does the largest face in `frame` belong to `user`? The probe is scored against the user's
         templates of its route (`match.route_rows`)."""
         gallery = self.gallery()
-        by_route = {route: gallery.templates(user, route) for route in ROUTES}  # unknown user: error before capture
+        rule = self.package.masked_probe_templates
+        by_route = {route: gallery.templates(user, route, rule) for route in ROUTES}  # unknown user: error before capture
         cap = self.capture(frame, self.verify_policy, source)
         refusal = self._refusal(cap, user)
         if refusal:
@@ -326,7 +327,7 @@ class FaceUnlock:
         refusal = self._refusal(cap, None)
         if refusal:
             return refusal
-        names, templates = gallery.all_templates(self.route_of(cap))
+        names, templates = gallery.all_templates(self.route_of(cap), self.package.masked_probe_templates)
         start = time.perf_counter()
         ranked = rank_users(cap.embedding, names, templates, self.aggregation, self.scoring_of(cap))
         latency = dict(cap.latency_ms, match=(time.perf_counter() - start) * 1e3)

@@ -87,6 +87,8 @@ def test_templates_of_a_probe_route(tmp_path):
     reopened = open_gallery(gallery.path)
     np.testing.assert_array_equal(reopened.templates("alice", "unmasked"), alice[[0, 2]])
     np.testing.assert_array_equal(reopened.templates("alice", "masked"), alice)
+    np.testing.assert_array_equal(reopened.templates("alice", "masked", "masked"), alice[[1]])  # a package's rule
+    np.testing.assert_array_equal(reopened.all_templates("masked", "masked")[1], np.concatenate([alice[[1]], carol]))
     np.testing.assert_array_equal(reopened.templates("carol", "unmasked"), carol)
     names, matrix = reopened.all_templates("unmasked")
     assert names == ["alice", "alice", "carol", "carol"]

@@ -40,3 +40,15 @@ def test_route_rows_keep_unmasked_templates_for_unmasked_probes():
     np.testing.assert_array_equal(route_rows(np.array([True, True]), "unmasked"), [True, True])  # nothing else
     with pytest.raises(InputError, match="route"):
         route_rows(flags, "sideways")
+
+
+def test_route_rows_under_the_masked_templates_rule():
+    """A two-network package's rule: a masked probe meets the masked templates, unless the user has none."""
+    from edge_mfr.match import route_rows
+
+    flags = np.array([False, True, True, False])
+    np.testing.assert_array_equal(route_rows(flags, "masked", "masked"), [False, True, True, False])
+    np.testing.assert_array_equal(route_rows(flags, "unmasked", "masked"), [True, False, False, True])
+    np.testing.assert_array_equal(route_rows(np.array([False, False]), "masked", "masked"), [True, True])
+    with pytest.raises(InputError, match="masked_probe_templates"):
+        route_rows(flags, "masked", "clean")

@@ -121,6 +121,10 @@ def test_missing_or_malformed_sidecar(package_copy):
     sidecar.write_text(json.dumps({k: v for k, v in meta.items() if k != "alignment"}))
     with pytest.raises(ModelPackageError, match="lacks alignment"):
         load_package(package_copy.onnx_path)
+    for matching in ({"masked_probe_templates": "clean"}, "masked"):
+        sidecar.write_text(json.dumps({**meta, "matching": matching}))
+        with pytest.raises(ModelPackageError, match="masked_probe_templates is 'all' or 'masked'"):
+            load_package(package_copy.onnx_path)
     sidecar.unlink()
     with pytest.raises(ModelPackageError, match="sidecar not found"):
         load_package(package_copy.onnx_path)
@@ -161,6 +165,7 @@ def test_a_two_network_package_embeds_the_masked_route_with_its_second_graph(two
     assert not two.thresholds and "masked" not in (two.meta.get("scoring") or {})  # fitted for the other network
     assert "accuracy" not in two.meta  # the teacher's measured accuracy is not the new package's
     assert "masked route, network dlib_resnet_v1_int8" in two.meta["licence"]  # both networks' terms
+    assert two.masked_probe_templates == "masked" and teacher.masked_probe_templates == "all"
 
     image = load_image(Path(__file__).resolve().parents[1] / "edge_mfr" / "demo_data" / "person_a_1.jpg")
     landmarks = get_detector("yunet").detect_largest(image).landmarks[None]

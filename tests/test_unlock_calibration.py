@@ -37,6 +37,8 @@ def test_attempt_scores_score_an_unmasked_probe_against_the_unmasked_templates_o
     np.testing.assert_allclose(sorted(impostor), sorted([probe[1], probe[0]]), rtol=1e-6)  # b keeps its masked row
     genuine_masked, _ = attempt_scores(templates, [("a", probe, "masked")], "max")
     np.testing.assert_allclose(genuine_masked, [probe[1]], rtol=1e-6)  # a masked probe meets every template
+    genuine_rule, _ = attempt_scores(templates, [("a", _unit([1, 0.2, 0]), "masked")], "max", None, "masked")
+    np.testing.assert_allclose(genuine_rule, [_unit([1, 0.2, 0])[1]], rtol=1e-6)  # the masked template only
 
 
 def test_unlock_calibration_on_real_faces_writes_per_aggregation_thresholds(tmp_path, data_dir):

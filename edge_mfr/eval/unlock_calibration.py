@@ -91,18 +91,20 @@ def _embed_identity_sets(images: list[LabelledImage], embedder: FaceEmbedder, de
 
 
 def attempt_scores(templates: dict[str, tuple[np.ndarray, np.ndarray]], probes: list[tuple], aggregation: str,
-                   scoring: dict | None = None):
+                   scoring: dict | None = None, masked_probe_templates: str = "all"):
     """(genuine scores, impostor scores): every probe (identity, embedding, route) against every enrolled
     identity (templates, their masked flags), aggregated over the templates that `FaceUnlock` scores a probe
-    of that route against (`match.route_rows`), each route scored as `scoring[route]` says
-    (`ModelPackage.route_scoring`, as `FaceUnlock.scoring_of`; default plain cosine)."""
+    of that route against (`match.route_rows` under the package's `masked_probe_templates` rule), each route
+    scored as `scoring[route]` says (`ModelPackage.route_scoring`, as `FaceUnlock.scoring_of`; default plain
+    cosine)."""
     if aggregation not in AGGREGATIONS:
         raise InputError(f"aggregation must be one of {AGGREGATIONS}")
     genuine, impostor = [], []
     for route in ROUTES:
         group = [p for p in probes if p[2] == route]
         if group:
-            chosen = {i: rows[route_rows(flags, route)] for i, (rows, flags) in templates.items()}
+            chosen = {i: rows[route_rows(flags, route, masked_probe_templates)]
+                      for i, (rows, flags) in templates.items()}
             g, imp = _aggregated_scores(chosen, group, aggregation, (scoring or {}).get(route, PLAIN))
             genuine.append(g)
             impostor.append(imp)
@@ -152,7 +154,8 @@ def calibrate_unlock(package, images: list[LabelledImage], dataset, targets=(1e-
         # Scored once per (drawn variant, route). What people feel: each drawn variant's attempts, whichever
         # route the gate sent them to, judged by that route's threshold (the routes' scores need not share a
         # scale: a route may have its own metric); each route's threshold is set on all its attempts.
-        per_variant = {v: {r: attempt_scores(templates, group, aggregation, scoring)
+        rule = package.masked_probe_templates
+        per_variant = {v: {r: attempt_scores(templates, group, aggregation, scoring, rule)
                            for r in ROUTES if (group := [p for p in probes[v] if p[2] == r])}
                        for v in PROBE_VARIANTS}
         per_route = {route: tuple(np.concatenate(part) for part in zip(*(by_route[route] for by_route in
@@ -188,11 +191,13 @@ def calibrate_unlock(package, images: list[LabelledImage], dataset, targets=(1e-
                   "(plus synthetic masked copies), the rest probe every identity unmasked and masked (masked "
                   "probes detected afresh on the masked picture, misses make no attempt); "
                   "probes routed by the quality gate's mask estimate and scored against the templates of their "
-                  "route (unmasked probes: the unmasked templates); FMR per attempt within each route; "
+                  "route (unmasked probes: the unmasked templates; masked probes: as the package's "
+                  "masked_probe_templates rule says); FMR per attempt within each route; "
                   "'all' = the higher of the two route thresholds",
         "dataset": str(dataset),
         "split": split,
         "enroll_per_identity": enroll_per_identity,
+        "masked_probe_templates": package.masked_probe_templates,
         "n_identities": len(templates),
         "n_probes": {v: len(p) for v, p in probes.items()},
         "n_routed": {route: len(p) for route, p in routed.items()},

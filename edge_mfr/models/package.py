@@ -204,6 +204,12 @@ class ModelPackage:
             [self.sidecar_path]
 
     @property
+    def masked_probe_templates(self) -> str:
+        """Which of a user's templates a probe the quality gate judges masked meets (`match.route_rows`): "all", or
+        "masked" (sidecar `matching.masked_probe_templates`), as measured best for this package."""
+        return (self.meta.get("matching") or {}).get("masked_probe_templates", "all")
+
+    @property
     def has_masked_network(self) -> bool:
         return bool(self.meta.get("masked_network"))
 
@@ -256,6 +262,11 @@ def _validate_meta(meta: dict, where: Path) -> None:
     if masked is not None and not (isinstance(masked, dict) and isinstance(masked.get("graph_sha256"), str)):
         raise ModelPackageError(f"{where}: masked_network must be an object describing NAME{MASKED_NETWORK_SUFFIX} "
                                 "with its graph_sha256")
+    matching = meta.get("matching", {})
+    rule = matching.get("masked_probe_templates", "all") if isinstance(matching, dict) else None
+    if rule not in ("all", "masked"):  # match.MASKED_PROBE_TEMPLATES (match imports nothing from here)
+        raise ModelPackageError(f"{where}: matching must be an object whose masked_probe_templates is 'all' or "
+                                f"'masked', got {matching!r}")
     for route, entry in (meta.get("scoring") or {}).items():
         if route == "cohort":
             _validate_cohort(entry, embedding, where)
