@@ -120,9 +120,9 @@ def test_backend_not_available_here_is_skipped_with_the_reason(demo_frames, tmp_
 
 
 def test_bundled_int8_package_is_the_default_ort_int8_backend():
-    """The INT8 teacher ships calibrated, so `edge-mfr bench --backend ort-int8` runs out of the box."""
+    """The default's INT8 version ships calibrated, so `edge-mfr bench --backend ort-int8` runs out of the box."""
     package = bench.resolve_package(None, "ort-int8")
-    assert package.name == "dlib_resnet_v1_int8" and package.onnx_path.parent == BUNDLED_DIR
+    assert package.name == "dlib_resnet_v1_masked_route_int8" and package.onnx_path.parent == BUNDLED_DIR
     assert bench.available_backends()["ort-int8"] == "available"
     assert default_model().name == "dlib_resnet_v1_masked_route"  # the FP32 two-network package is the default
 

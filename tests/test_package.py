@@ -46,13 +46,41 @@ def test_bundled_models_load_with_calibrated_thresholds():
     ones), with thresholds per route; the teacher alone is bundled beside it."""
     package = default_model()
     assert package.name == "dlib_resnet_v1_masked_route" and package.has_masked_network
-    assert [p.name for p in bundled_models()] == ["dlib_resnet_v1", "dlib_resnet_v1_int8", "dlib_resnet_v1_masked_route"]
+    assert [p.name for p in bundled_models()] == ["dlib_resnet_v1", "dlib_resnet_v1_int8", "dlib_resnet_v1_masked_route",
+                                                  "dlib_resnet_v1_masked_route_int8"]
+    assert default_model().masked_probe_templates == "masked"  # measured best for it (docs/results.md)
     for package in (default_model(), load_package("dlib_resnet_v1")):
         assert package.input_size == (150, 150) and package.embedding_size == 128
         assert package.threshold_for(1e-4) > package.threshold_for(1e-3)
         assert package.threshold_for(1e-4, route="masked") > package.threshold_for(1e-3, route="masked")
     assert default_model().masked_network().onnx_path.name == "dlib_resnet_v1_masked_route.masked.onnx"
     assert "trained on CelebA" in default_model().meta["licence"]  # its masked-route network's terms
+
+
+def test_bundled_int8_default_is_calibrated_and_each_route_agrees_with_fp32_on_a_real_face():
+    """The default's INT8 version: both graphs quantized (the first is the INT8 teacher's graph, byte for byte),
+    calibrated on itself per route, and each route's embedding of a real demo face agrees with the FP32 default's."""
+    import cv2
+
+    from edge_mfr.cli.demo import DEMO_DIR
+    from edge_mfr.detect import get_detector
+    from edge_mfr.embed import FaceEmbedder
+    from edge_mfr.models.package import file_sha256
+
+    fp32, int8 = default_model(), load_package("dlib_resnet_v1_masked_route_int8")
+    assert int8.has_masked_network and int8.masked_probe_templates == fp32.masked_probe_templates
+    assert file_sha256(int8.onnx_path) == load_package("dlib_resnet_v1_int8").fingerprint
+    assert int8.meta["recipe"]["quantization"]["source"]["fingerprint"] == fp32.fingerprint
+    assert int8.meta["recipe"]["quantization"]["gate"]["passed"]
+    assert int8.meta["calibration"]["model_fingerprint"] == int8.fingerprint
+    for route in ("unmasked", "masked"):
+        assert int8.threshold_for(1e-4, route=route) > int8.threshold_for(1e-3, route=route)
+    image = cv2.imread(str(sorted(DEMO_DIR.glob("*.jpg"))[0]), cv2.IMREAD_COLOR)
+    landmarks = get_detector("yunet").detect_largest(image).landmarks[None]
+    for route in ("unmasked", "masked"):
+        a = FaceEmbedder(fp32, threads=1).embed_faces(image, landmarks, route=route)
+        b = FaceEmbedder(int8, threads=1).embed_faces(image, landmarks, route=route)
+        assert float(np.sum(a * b)) > 0.99, route
 
 
 def test_bundled_int8_teacher_is_calibrated_and_agrees_with_fp32_on_a_real_face():
