@@ -28,7 +28,8 @@ def route_rows(masked: np.ndarray, route: str, masked_probe_templates: str = "al
     if route not in ROUTES:
         raise InputError(f"route must be one of {ROUTES}, got {route!r}")
     if masked_probe_templates not in MASKED_PROBE_TEMPLATES:
-        raise InputError(f"masked_probe_templates must be one of {MASKED_PROBE_TEMPLATES}, got {masked_probe_templates!r}")
+        raise InputError(f"masked_probe_templates must be one of {MASKED_PROBE_TEMPLATES}, "
+                         f"got {masked_probe_templates!r}")
     masked = np.asarray(masked, bool)
     if masked.all() or not masked.any():
         return np.ones(len(masked), bool)

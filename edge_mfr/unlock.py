@@ -300,7 +300,8 @@ class FaceUnlock:
         templates of its route (`match.route_rows`)."""
         gallery = self.gallery()
         rule = self.package.masked_probe_templates
-        by_route = {route: gallery.templates(user, route, rule) for route in ROUTES}  # unknown user: error before capture
+        # an unknown user raises here, before any capture
+        by_route = {route: gallery.templates(user, route, rule) for route in ROUTES}
         cap = self.capture(frame, self.verify_policy, source)
         refusal = self._refusal(cap, user)
         if refusal:

@@ -86,12 +86,15 @@ def test_genuine_unlocks_masked_genuine_outranks_every_impostor_and_others_are_r
 
 
 def test_a_probe_is_scored_against_the_templates_of_its_route(enrolled):
-    """An unmasked probe meets alice's unmasked templates only, a masked one all of them (match.route_rows),
-    each compared as its route's scoring says (the bundled teacher whitens what a mask changes and normalises
-    scores against a cohort)."""
+    """An unmasked probe meets alice's unmasked templates only, a masked one those of the package's rule (the
+    default's: the masked ones, which its masked-route network made; match.route_rows), each compared as its
+    route's scoring says (the default whitens what a mask changes)."""
     import numpy as np
 
+    from edge_mfr.match import route_rows
+
     unlock, _, _ = enrolled
+    assert unlock.package.masked_probe_templates == "masked"
     gallery = unlock.gallery()
     masked_flags = np.array([t["masked"] for t in gallery.user_info("alice")["templates"]])
     everything = gallery.templates("alice")
@@ -99,7 +102,8 @@ def test_a_probe_is_scored_against_the_templates_of_its_route(enrolled):
     for picture, route in ((probe, "unmasked"), (_masked(probe, 5, "surgical"), "masked")):
         cap = unlock.capture(picture, unlock.verify_policy)
         assert unlock.route_of(cap) == route
-        rows = everything if route == "masked" else everything[~masked_flags]
+        rows = everything[route_rows(masked_flags, route, "masked")]
+        np.testing.assert_array_equal(rows, everything[masked_flags if route == "masked" else ~masked_flags])
         scoring = unlock.package.route_scoring(route)
         expected = scoring.scores(cap.embedding[None], rows)[0]
         decision = unlock.verify("alice", picture)
