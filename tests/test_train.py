@@ -159,6 +159,35 @@ def test_the_teacher_network_at_112_px_trains_and_exports_at_that_size(tiny_pool
     assert np.mean(similarity.argmax(1) == np.arange(len(pool))) > 0.3  # its own face's template, of 47 (0.45 seen)
 
 
+def test_the_teacher_network_without_residual_units_keeps_the_teachers_weights(tiny_pool, tmp_path):
+    """A compact student that keeps 150 px and loses depth: the units left out cost their multiply-adds, the
+    others start with the teacher's weights, and a downsampling unit cannot be left out."""
+    from edge_mfr.models.complexity import onnx_complexity
+    from edge_mfr.train.config import TrainConfig
+    from edge_mfr.train.export import export_package
+    from edge_mfr.train.teacher import teacher_onnx_path
+    from edge_mfr.train.trainer import fit, load_train_checkpoint
+
+    dropped = (1, 5, 8, 9, 11, 12)
+    run = fit(tiny_config(tiny_pool, tmp_path / "runs", arch="dlib_resnet", init="teacher", input_size=150,
+                          drop_units=dropped, steps=2, eval_every=2, batch_size=8, lr=1e-5, arc_weight=0.0),
+              log=lambda _: None)
+    weights = load_train_checkpoint(run / "best.pt")["network"]
+    assert not any(key.startswith(f"units.{unit}.") for unit in dropped for key in weights)
+    package = export_package(run / "last.pt", tmp_path / "dlib17.onnx", name="dlib17")
+    assert package.architecture == "dlib_resnet17_metric" and package.input_size == (150, 150)
+    student, teacher = onnx_complexity(package.onnx_path).gmacs, onnx_complexity(teacher_onnx_path()).gmacs
+    assert 0.5 < student / teacher < 0.6  # six of the fourteen units, 0.151 of 0.271 GMACs
+    assert TrainConfig(name="t", arch="dlib_resnet", drop_units=[12, 1, 12]).drop_units == (1, 12)
+    with pytest.raises(InputError, match="unit 3 changes its input's shape"):
+        fit(tiny_config(tiny_pool, tmp_path / "bad", arch="dlib_resnet", init="teacher", input_size=150,
+                        drop_units=(3,), arc_weight=0.0), log=lambda _: None)
+    with pytest.raises(InputError, match="drop_units needs arch='dlib_resnet'"):
+        tiny_config(tiny_pool, tmp_path, drop_units=(1,))
+    assert tiny_config(tiny_pool, tmp_path, arch="dlib_resnet").with_overrides(
+        ["drop_units=8,12"]).drop_units == (8, 12)
+
+
 def test_a_masked_route_network_is_selected_on_a_simulated_masked_route(tiny_pool, tmp_path):
     """selection="masked_route": best.pt is the step whose masked route of an unlock simulated on the hold-out
     (masked probes against the teacher's clean and the network's masked templates) is best, whatever its own

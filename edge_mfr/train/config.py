@@ -43,6 +43,9 @@ class TrainConfig:
     teacher_projection: bool = False  # regress a teacher of another size through a dropped linear projection
     init: str = "scratch"  # "scratch", "teacher" (dlib_resnet only) or "checkpoint" (init_checkpoint)
     init_checkpoint: str | None = None  # a best.pt, or the name of an earlier run in out_dir
+    # dlib_resnet only: residual units (indices 0-13) left out, a cheaper network that keeps the teacher's
+    # resolution; only units that keep their input's shape (no downsampling) can go
+    drop_units: tuple[int, ...] = ()
     stage: str = "classify"  # or "triplet"
     # data
     pool: str = "runs/pool_celeba.npz"
@@ -89,12 +92,14 @@ class TrainConfig:
     out_dir: str = "runs/train"
 
     def __post_init__(self):
+        object.__setattr__(self, "drop_units", tuple(sorted({int(u) for u in self.drop_units})))
         checks = [
             (self.arch in ARCHES, f"arch must be one of {ARCHES}, got {self.arch!r}"),
             (self.init in ("scratch", "teacher", "checkpoint"),
              f"init must be scratch|teacher|checkpoint, got {self.init!r}"),
             (self.init != "teacher" or self.arch == "dlib_resnet", "init='teacher' needs arch='dlib_resnet'"),
             (self.init != "checkpoint" or self.init_checkpoint, "init='checkpoint' needs init_checkpoint"),
+            (not self.drop_units or self.arch == "dlib_resnet", "drop_units needs arch='dlib_resnet'"),
             (self.stage in ("classify", "triplet"), f"stage must be classify|triplet, got {self.stage!r}"),
             (self.stage != "triplet" or self.init == "checkpoint",
              "stage='triplet' trains on a pre-trained checkpoint"),
@@ -145,6 +150,8 @@ class TrainConfig:
                     changes[key] = int(text)
                 elif kind.startswith("float"):
                     changes[key] = float(text)
+                elif kind.startswith("tuple[int"):
+                    changes[key] = tuple(int(v) for v in text.split(",") if v.strip())
                 else:
                     changes[key] = text
             except (KeyError, ValueError):

@@ -40,7 +40,7 @@ def export_package(checkpoint_path: str | Path, out_onnx: str | Path, name: str 
         input_meta = {"size": [size, size], "channel_order": "RGB",
                       "mean": [float(m) for m in pool_meta["teacher_layout"]["mean_rgb"]],
                       "std": [TEACHER_DIVISOR] * 3}
-        architecture = "dlib_resnet29_metric"
+        architecture = f"dlib_resnet{29 - 2 * len(config.drop_units)}_metric"  # two convolutions per unit
         licence = f"{TEACHER_LICENCE} (initialisation); fine-tuned by edge-mfr: {DATA_TERMS}"
     else:
         input_meta = {"size": [size, size], "channel_order": "RGB", "mean": [127.5] * 3, "std": [127.5] * 3}

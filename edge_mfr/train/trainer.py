@@ -96,7 +96,7 @@ def network_skeleton(config: TrainConfig, pool_meta: dict) -> nn.Module:
         if config.embedding_size != network.embedding.weight.shape[0]:
             raise InputError(f"dlib_resnet embeds in {network.embedding.weight.shape[0]} dimensions, "
                              f"the config asks for {config.embedding_size}")
-        return network
+        return drop_residual_units(network, config.drop_units)
     from edge_mfr.models.mobilefacenet import build_student
 
     if config.input_size != pool_meta["crop_size"]:
@@ -105,6 +105,20 @@ def network_skeleton(config: TrainConfig, pool_meta: dict) -> nn.Module:
                          "input_size")
     return build_student(config.arch, embedding_size=config.embedding_size, activation=config.activation,
                          input_size=(config.input_size, config.input_size))
+
+
+def drop_residual_units(network: nn.Module, units: tuple[int, ...]) -> nn.Module:
+    """The teacher's network without the residual units `units` (identities in their place, so the other
+    units keep their parameter names and load the teacher's weights)."""
+    for index in units:
+        if not 0 <= index < len(network.units):
+            raise InputError(f"drop_units: the network has residual units 0-{len(network.units) - 1}, not {index}")
+        unit = network.units[index]
+        if not isinstance(unit.shortcut, nn.Identity) or unit.conv1.in_channels != unit.conv2.out_channels:
+            raise InputError(f"drop_units: unit {index} changes its input's shape (a downsampling unit) and "
+                             "cannot be left out")
+        network.units[index] = nn.Identity()
+    return network
 
 
 def build_network(config: TrainConfig, pool: TrainingPool) -> nn.Module:
