@@ -11,6 +11,9 @@ Run:
     python benchmarks/lfw_deployed_table.py --model dlib_resnet_v1 --model path/to/student.onnx \
         [--families template nist] [--json-dir DIR] [--disjoint-from ../shared/data/glint24/LFW_OVERLAP.txt]
 
+`--record`: write the first family's U-U / U-M / M-M accuracy and EER (misses counted, all pairs) into each
+package's sidecar as `accuracy.lfw`, which `edge-mfr models list` shows (bundled packages are left as they are).
+
 `--disjoint-from`: also report the pairs left after removing those identities (a model trained on glint24
 must be reported on LFW over all pairs and over the identity-disjoint remainder). Needs ../shared/data/lfw.
 LFW is used for evaluation only.
@@ -26,7 +29,7 @@ from pathlib import Path
 from edge_mfr.eval import report
 from edge_mfr.eval.pairs import read_pairs
 from edge_mfr.eval.runner import evaluate_pairs
-from edge_mfr.models.package import load_package
+from edge_mfr.models.package import BUNDLED_DIR, load_package, save_package
 
 LFW = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "lfw"
 SCENARIO_NAMES = {"uu": "U-U", "um": "U-M", "mm": "M-M"}
@@ -82,6 +85,27 @@ HEADER = ["Model", "Masks", "Scenario", "Accuracy (10-fold)", "EER", "FMR100", "
           "EER, misses excluded"]
 
 
+def record_accuracy(packages, family_report: dict) -> None:
+    """Each package's U-U / U-M / M-M accuracy and EER in one family's report -> its sidecar's accuracy.lfw."""
+    protocol = {k: v for k, v in family_report.items() if k not in ("images", "results")}
+    for package in packages:
+        if package.onnx_path.parent == BUNDLED_DIR:
+            print(f"--record: {package.name} is bundled, not rewritten (evaluate a copy given by path)",
+                  file=sys.stderr)
+            continue
+        rows = [r for r in family_report["results"] if r["fingerprint"] == package.fingerprint]
+        record = {"mask_family": family_report["mask_family"], "pairs": family_report["n_pairs"],
+                  "subset": family_report["n_pairs"] < 6000, "protocol": protocol,
+                  "measured_by": "benchmarks/lfw_deployed_table.py (edge_mfr.eval.runner.evaluate_pairs), "
+                                 "misses counted"}
+        for row in rows:
+            metrics = row["metrics_misses_counted"] or row["metrics"]  # None where nothing was missed
+            record[row["scenario"]] = {"accuracy": metrics["accuracy"]["mean"], "eer": metrics["eer"]}
+        meta = dict(package.meta, accuracy={**package.meta.get("accuracy", {}), "lfw": record})
+        save_package(package.onnx_path, meta)
+        print(f"recorded LFW accuracy in {package.sidecar_path}", file=sys.stderr)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", required=True, help="model package (path or bundled name)")
@@ -95,6 +119,8 @@ def main() -> int:
     parser.add_argument("--json-dir", type=Path, help="write each family's full report (edge-mfr eval JSON) here")
     parser.add_argument("--cache-dir", type=Path, default=_default_cache_dir())
     parser.add_argument("--threads", type=int, default=1, help="inference threads per model")
+    parser.add_argument("--record", action="store_true", help="write the first family's results into each "
+                        "package's sidecar (accuracy.lfw)")
     args = parser.parse_args()
 
     packages = [load_package(m) for m in args.model]
@@ -116,6 +142,8 @@ def main() -> int:
                 suffix = "_disjoint" if label else ""
                 report.write_json(reports[family], args.json_dir / f"lfw_deployed_{family}{suffix}.json")
         lines += table_rows(reports, label)
+        if args.record and not label:
+            record_accuracy(packages, next(iter(reports.values())))
         first = next(iter(reports.values()))
         notes.append(f"{len(pair_set.pairs)} pairs{label}"
                      + (f" ({pair_set.excluded_pairs} left out for {len(excluded_identities)} identities)"

@@ -46,7 +46,8 @@ def test_bundled_models_load_with_calibrated_thresholds():
     ones), with thresholds per route; the teacher alone is bundled beside it."""
     package = default_model()
     assert package.name == "dlib_resnet_v1_masked_route" and package.has_masked_network
-    assert [p.name for p in bundled_models()] == ["dlib_resnet_v1", "dlib_resnet_v1_int8", "dlib_resnet_v1_masked_route",
+    assert [p.name for p in bundled_models()] == ["dlib23_student", "dlib23_student_int8", "dlib_resnet_v1",
+                                                  "dlib_resnet_v1_int8", "dlib_resnet_v1_masked_route",
                                                   "dlib_resnet_v1_masked_route_int8"]
     assert default_model().masked_probe_templates == "masked"  # measured best for it (docs/results.md)
     for package in (default_model(), load_package("dlib_resnet_v1")):
@@ -79,6 +80,37 @@ def test_bundled_int8_default_is_calibrated_and_each_route_agrees_with_fp32_on_a
     landmarks = get_detector("yunet").detect_largest(image).landmarks[None]
     for route in ("unmasked", "masked"):
         a = FaceEmbedder(fp32, threads=1).embed_faces(image, landmarks, route=route)
+        b = FaceEmbedder(int8, threads=1).embed_faces(image, landmarks, route=route)
+        assert float(np.sum(a * b)) > 0.99, route
+
+
+def test_bundled_student_is_cheaper_calibrated_and_embeds_a_real_face_like_its_int8_version():
+    """The compact student: the teacher's network without three residual units, cheaper than the teacher by its
+    graph's own count, with its LFW accuracy and thresholds per route recorded, CelebA's terms in its licence, and
+    its INT8 version (gated, calibrated on itself) agreeing with it on a real demo face on both routes."""
+    import cv2
+
+    from edge_mfr.cli.demo import DEMO_DIR
+    from edge_mfr.detect import get_detector
+    from edge_mfr.embed import FaceEmbedder
+    from edge_mfr.models.complexity import onnx_complexity
+
+    student, int8, teacher = (load_package(n) for n in ("dlib23_student", "dlib23_student_int8", "dlib_resnet_v1"))
+    assert student.architecture == "dlib_resnet23_metric" and student.input_size == teacher.input_size
+    assert onnx_complexity(student.onnx_path).gmacs < 0.8 * onnx_complexity(teacher.onnx_path).gmacs
+    assert student.meta["recipe"]["config"]["drop_units"] == [8, 9, 12]
+    assert "non-commercial" in student.meta["licence"]
+    assert student.meta["accuracy"]["lfw"]["pairs"] == 6000
+    assert int8.meta["recipe"]["quantization"]["source"]["fingerprint"] == student.fingerprint
+    assert int8.meta["recipe"]["quantization"]["gate"]["passed"]
+    image = cv2.imread(str(sorted(DEMO_DIR.glob("*.jpg"))[0]), cv2.IMREAD_COLOR)
+    landmarks = get_detector("yunet").detect_largest(image).landmarks[None]
+    for package in (student, int8):
+        assert package.meta["calibration"]["model_fingerprint"] == package.fingerprint
+        for route in ("unmasked", "masked"):
+            assert package.threshold_for(1e-4, route=route) > package.threshold_for(1e-3, route=route)
+    for route in ("unmasked", "masked"):
+        a = FaceEmbedder(student, threads=1).embed_faces(image, landmarks, route=route)
         b = FaceEmbedder(int8, threads=1).embed_faces(image, landmarks, route=route)
         assert float(np.sum(a * b)) > 0.99, route
 
