@@ -142,9 +142,9 @@ def main() -> int:
                 suffix = "_disjoint" if label else ""
                 report.write_json(reports[family], args.json_dir / f"lfw_deployed_{family}{suffix}.json")
         lines += table_rows(reports, label)
-        if args.record and not label:
-            record_accuracy(packages, next(iter(reports.values())))
         first = next(iter(reports.values()))
+        if args.record and not label:
+            record_accuracy(packages, first)
         notes.append(f"{len(pair_set.pairs)} pairs{label}"
                      + (f" ({pair_set.excluded_pairs} left out for {len(excluded_identities)} identities)"
                         if excluded_identities else ""))

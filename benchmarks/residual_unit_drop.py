@@ -2,7 +2,7 @@
 training pool's identity-disjoint hold-out (the one `python -m edge_mfr.train fit` selects on), clean faces.
 
 Prints, per variant, GMACs at 150 px and clean-clean TPR at FMR 1e-3, so that a compact student (`drop_units`)
-leaves out the units that cost the least. Only shape-keeping units can go (`drop_residual_units`).
+leaves out the units that cost the least. Only shape-keeping units can go (`keeps_input_shape`).
 
 Run:
     OMP_NUM_THREADS=1 python benchmarks/residual_unit_drop.py --pool runs/pool_celeba.npz \
@@ -23,7 +23,7 @@ from edge_mfr.models.complexity import torch_complexity
 from edge_mfr.train.config import TrainConfig
 from edge_mfr.train.data import TrainingPool
 from edge_mfr.train.teacher import TEACHER_INPUT, bundled_teacher_network, chip_input
-from edge_mfr.train.trainer import SELECTION_FMR, drop_residual_units, split_holdout, tpr_at_fmr
+from edge_mfr.train.trainer import SELECTION_FMR, drop_residual_units, keeps_input_shape, split_holdout, tpr_at_fmr
 
 
 @torch.no_grad()
@@ -55,8 +55,7 @@ def main() -> None:
         return {"drop_units": list(units), "tpr_uu": clean_tpr(network, inputs, labels),
                 "gmacs": torch_complexity(network, (TEACHER_INPUT, TEACHER_INPUT)).gmacs}
 
-    shape_keeping = [k for k, unit in enumerate(teacher.units)
-                     if isinstance(unit.shortcut, nn.Identity) and unit.conv1.in_channels == unit.conv2.out_channels]
+    shape_keeping = [k for k, unit in enumerate(teacher.units) if keeps_input_shape(unit)]
     variants = [()] + [(k,) for k in shape_keeping] + [tuple(int(u) for u in d.split(",")) for d in args.drop]
     print(f"hold-out: {len(held)} faces of {len(set(labels.tolist()))} identities; clean-clean TPR at FMR "
           f"{SELECTION_FMR:g}")

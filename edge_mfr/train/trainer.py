@@ -107,14 +107,18 @@ def network_skeleton(config: TrainConfig, pool_meta: dict) -> nn.Module:
                          input_size=(config.input_size, config.input_size))
 
 
+def keeps_input_shape(unit: nn.Module) -> bool:
+    """A residual unit whose output has its input's shape (no downsampling): the only kind that can be left out."""
+    return isinstance(unit.shortcut, nn.Identity) and unit.conv1.in_channels == unit.conv2.out_channels
+
+
 def drop_residual_units(network: nn.Module, units: tuple[int, ...]) -> nn.Module:
     """The teacher's network without the residual units `units` (identities in their place, so the other
     units keep their parameter names and load the teacher's weights)."""
     for index in units:
         if not 0 <= index < len(network.units):
             raise InputError(f"drop_units: the network has residual units 0-{len(network.units) - 1}, not {index}")
-        unit = network.units[index]
-        if not isinstance(unit.shortcut, nn.Identity) or unit.conv1.in_channels != unit.conv2.out_channels:
+        if not keeps_input_shape(network.units[index]):
             raise InputError(f"drop_units: unit {index} changes its input's shape (a downsampling unit) and "
                              "cannot be left out")
         network.units[index] = nn.Identity()
