@@ -99,6 +99,8 @@ def test_bundled_student_is_cheaper_calibrated_and_embeds_a_real_face_like_its_i
     assert student.architecture == "dlib_resnet23_metric" and student.input_size == teacher.input_size
     assert onnx_complexity(student.onnx_path).gmacs < 0.8 * onnx_complexity(teacher.onnx_path).gmacs
     assert student.meta["recipe"]["config"]["drop_units"] == [8, 9, 12]
+    mix = student.meta["recipe"]["interpolation"]  # version 2: between the KD and the identity-loss fine-tunes
+    assert mix["weight"] == 0.7 and [r["name"] for r in mix["from"]] == ["dlib23_sqkd", "dlib23_arc_masks"]
     assert "non-commercial" in student.meta["licence"]
     assert student.meta["accuracy"]["lfw"]["pairs"] == 6000
     assert int8.meta["recipe"]["quantization"]["source"]["fingerprint"] == student.fingerprint

@@ -314,3 +314,48 @@ def test_a_packed_teacher_delta_reads_back_as_the_network(tiny_pool, tmp_path):
     assert "network_delta_fp16" not in restored
     for name, value in trained.items():
         torch.testing.assert_close(restored["network"][name], value, atol=2e-6, rtol=0)
+
+
+def test_two_fine_tunes_of_the_teacher_interpolate_into_a_measured_network(tiny_pool, tmp_path):
+    """Weight interpolation (WiSE-FT / model soups): weight 0 is the first run exactly, measured on the hold-out
+    as fit measured it; 0.5 is the midpoint of every weight and exports with a recipe naming both runs; networks
+    that are not one network from one start, a weight outside [0, 1] and another pool are refused."""
+    from edge_mfr.models.package import load_package
+    from edge_mfr.train.export import export_package
+    from edge_mfr.train.interpolate import interpolate_checkpoints
+    from edge_mfr.train.trainer import fit, load_train_checkpoint
+
+    common = dict(arch="dlib_resnet", init="teacher", input_size=112, steps=2, eval_every=2, batch_size=8, lr=1e-4,
+                  head_warmup_steps=0)
+    kd = fit(tiny_config(tiny_pool, tmp_path / "runs", name="kd", arc_weight=0.0, **common), log=lambda _: None)
+    arc = fit(tiny_config(tiny_pool, tmp_path / "runs", name="arc", mse_weight=0.0, **common), log=lambda _: None)
+    first, second = (load_train_checkpoint(run / "final.pt") for run in (kd, arc))
+
+    same = interpolate_checkpoints(kd / "final.pt", arc / "final.pt", 0.0, tmp_path / "w0.pt", tiny_pool, threads=1)
+    assert all(torch.equal(same["network"][k], first["network"][k]) for k in first["network"])
+    assert same["metrics"] == pytest.approx({k: v for k, v in first["metrics"].items() if k != "step"}, abs=1e-6)
+
+    mid = interpolate_checkpoints(kd / "final.pt", arc / "final.pt", 0.5, tmp_path / "soup.pt", tiny_pool, threads=1)
+    key = "units.0.conv1.weight"
+    assert not torch.equal(first["network"][key], second["network"][key])
+    assert torch.allclose(mid["network"][key], (first["network"][key] + second["network"][key]) / 2)
+    assert set(mid["metrics"]) >= {"tpr_uu", "tpr_um", "tpr_mm", "tpr_masked_route"}
+    recipe = load_package(export_package(tmp_path / "soup.pt", tmp_path / "soup.onnx").onnx_path).meta["recipe"]
+    assert recipe["method"].startswith("weight interpolation: 0.5 x kd (MSE") and " + 0.5 x arc (ElasticFace" in recipe["method"]
+    assert [r["name"] for r in recipe["interpolation"]["from"]] == ["kd", "arc"]
+
+    with pytest.raises(InputError, match="weight must be in"):
+        interpolate_checkpoints(kd / "final.pt", arc / "final.pt", 1.5, tmp_path / "x.pt", tiny_pool)
+    cut = fit(tiny_config(tiny_pool, tmp_path / "runs", name="cut", arc_weight=0.0, drop_units=(12,), **common),
+              log=lambda _: None)
+    with pytest.raises(InputError, match="not one network from one start: drop_units"):
+        interpolate_checkpoints(kd / "final.pt", cut / "final.pt", 0.5, tmp_path / "x.pt", tiny_pool)
+    scratch = [fit(tiny_config(tiny_pool, tmp_path / "runs", name=n, steps=2, eval_every=2), log=lambda _: None)
+               for n in ("s1", "s2")]
+    with pytest.raises(InputError, match="trained from scratch"):
+        interpolate_checkpoints(scratch[0] / "final.pt", scratch[1] / "final.pt", 0.5, tmp_path / "x.pt", tiny_pool)
+    smaller = tmp_path / "smaller.npz"
+    subprocess.run([sys.executable, "-m", "edge_mfr.train", "subset", str(tiny_pool), "--per-identity", "2",
+                    "--out", str(smaller)], check=True, capture_output=True)
+    with pytest.raises(InputError, match="pass the pool they were trained on"):
+        interpolate_checkpoints(kd / "final.pt", arc / "final.pt", 0.5, tmp_path / "x.pt", smaller)

@@ -1,5 +1,5 @@
-"""`python -m edge_mfr.train prepare|fit|export|...`: build the training pool, train one config, export a package,
-fit the closed-form masked-route heads, assemble a two-network package.
+"""`python -m edge_mfr.train prepare|fit|export|...`: build the training pool, train one config, interpolate two
+fine-tunes, export a package, fit the closed-form masked-route heads, assemble a two-network package.
 
 Multi-process: `torchrun --nproc_per_node=N -m edge_mfr.train fit CONFIG ...` (gloo on CPU, NCCL on GPUs).
 """
@@ -47,6 +47,16 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("checkpoint")
     export.add_argument("--out", required=True, help="output .onnx")
     export.add_argument("--name")
+
+    interpolate = commands.add_parser("interpolate", help="weight interpolation of two fine-tunes of one network "
+                                      "(WiSE-FT / model soups) -> a best.pt-style checkpoint, measured on the hold-out")
+    interpolate.add_argument("first", help="best.pt (or final.pt, last.pt) of the first run")
+    interpolate.add_argument("second", help="the second run's, from the same starting weights")
+    interpolate.add_argument("--weight", type=float, required=True, help="share of the second run, 0-1")
+    interpolate.add_argument("--pool", required=True, help="the training pool both runs used (for the hold-out)")
+    interpolate.add_argument("--out", required=True, help="output .pt (export it like a run's best.pt)")
+    interpolate.add_argument("--name", help="the network's name (default: the output's stem)")
+    interpolate.add_argument("--threads", type=int, default=2)
 
     route = commands.add_parser("route-map", help="fit a masked-route map for a package; write the routed package")
     _pair_arguments(route, faces=2500, out="output .onnx of the routed package")
@@ -101,6 +111,14 @@ def main(argv: list[str] | None = None) -> int:
             from edge_mfr.train.trainer import fit as run
 
             run(load_config(args.config).with_overrides(args.overrides), resume=args.resume)
+        elif args.command == "interpolate":
+            from edge_mfr.train.interpolate import interpolate_checkpoints
+
+            record = interpolate_checkpoints(args.first, args.second, args.weight, args.out, args.pool,
+                                             name=args.name, threads=args.threads)
+            metrics = record["metrics"]
+            print(f"wrote {args.out}: hold-out TPR@FMR1e-3 uu {metrics['tpr_uu']:.4f} um {metrics['tpr_um']:.4f} "
+                  f"mm {metrics['tpr_mm']:.4f} masked_route {metrics['tpr_masked_route']:.4f}")
         elif args.command == "route-map":
             route_map_command(args)
         elif args.command == "route-metric":

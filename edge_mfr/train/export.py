@@ -65,6 +65,8 @@ def export_package(checkpoint_path: str | Path, out_onnx: str | Path, name: str 
         "onnx_vs_torch_max_abs_diff": error,
         "output": "raw embedding (not L2-normalised)",
     }
+    if "interpolation" in record:
+        recipe.update(_interpolation_recipe(record["interpolation"]))
     recipe.update(extra_recipe or {})
     meta = {
         "name": name or out_onnx.stem,
@@ -81,6 +83,17 @@ def export_package(checkpoint_path: str | Path, out_onnx: str | Path, name: str 
 def _output_size(network, size: int) -> int:
     with torch.no_grad():
         return network(torch.zeros(1, 3, size, size)).shape[1]
+
+
+def _interpolation_recipe(interpolation: dict) -> dict:
+    """What an interpolated network (`python -m edge_mfr.train interpolate`) is made of, for its recipe."""
+    weight = interpolation["weight"]
+    (a, b) = (TrainConfig.from_dict(r["config"]) for r in interpolation["from"])
+    return {"method": f"weight interpolation: {1 - weight:g} x {a.name} ({_method(a)}) + {weight:g} x {b.name} "
+                      f"({_method(b)})",
+            "interpolation": {"weight": weight, "from": [
+                {"name": r["config"]["name"], "config_hash": r["config_hash"], "step": r["step"],
+                 "holdout_metrics": r["holdout_metrics"]} for r in interpolation["from"]]}}
 
 
 def _method(config: TrainConfig) -> str:
