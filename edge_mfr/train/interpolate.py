@@ -10,15 +10,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from edge_mfr.errors import InputError
-from edge_mfr.train.augment import BatchAugment
 from edge_mfr.train.config import TrainConfig
 from edge_mfr.train.data import TrainingPool
-from edge_mfr.train.trainer import (build_network_from_record, holdout_metrics, load_train_checkpoint,
-                                    split_holdout, weights_record)
+from edge_mfr.train.trainer import (build_network_from_record, holdout_metrics, load_train_checkpoint, pool_augment,
+                                    save_record, split_holdout, weights_record)
 
 # Config fields that must agree for two networks to be the same network from the same start.
 SAME_NETWORK_FIELDS = ("arch", "activation", "embedding_size", "drop_units", "stage", "input_size", "init",
@@ -29,22 +27,22 @@ def interpolate_records(first: dict, second: dict, weight: float, name: str) -> 
     """A record whose network is (1 - weight) x first's + weight x second's (the hold-out metrics still to come)."""
     if not 0.0 <= weight <= 1.0:
         raise InputError(f"interpolation weight must be in [0, 1], got {weight}")
-    a, b = first["config"], second["config"]
+    a, b = (TrainConfig.from_dict(r["config"]) for r in (first, second))  # normalised: drop_units a tuple
     for field in SAME_NETWORK_FIELDS:
-        if list(np.atleast_1d(a[field])) != list(np.atleast_1d(b[field])):
-            raise InputError(f"{a['name']} and {b['name']} are not one network from one start: {field} is "
-                             f"{a[field]!r} against {b[field]!r}")
-    if a["init"] == "scratch":
-        raise InputError(f"{a['name']} and {b['name']} were trained from scratch: weight interpolation needs two "
+        if getattr(a, field) != getattr(b, field):
+            raise InputError(f"{a.name} and {b.name} are not one network from one start: {field} is "
+                             f"{getattr(a, field)!r} against {getattr(b, field)!r}")
+    if a.init == "scratch":
+        raise InputError(f"{a.name} and {b.name} were trained from scratch: weight interpolation needs two "
                          "fine-tunes of one pre-trained network (independent runs do not share a basin)")
     if first["pool_meta"]["teacher_fingerprint"] != second["pool_meta"]["teacher_fingerprint"]:
-        raise InputError(f"{a['name']} and {b['name']} learned from different teachers")
+        raise InputError(f"{a.name} and {b.name} learned from different teachers")
     net_a, net_b = first["network"], second["network"]
     if net_a.keys() != net_b.keys() or any(net_a[k].shape != net_b[k].shape for k in net_a):
-        raise InputError(f"{a['name']} and {b['name']} have different parameters")
+        raise InputError(f"{a.name} and {b.name} have different parameters")
     network = {k: torch.lerp(v.float(), net_b[k].float(), weight) if v.is_floating_point() else v.clone()
                for k, v in net_a.items()}
-    config = TrainConfig.from_dict({**a, "name": name})
+    config = TrainConfig.from_dict({**first["config"], "name": name})
     return {**first, "config": config.to_dict(), "config_hash": config.result_hash(), "network": network,
             "metrics": None, "step": None,
             "interpolation": {"weight": weight, "from": [
@@ -60,8 +58,7 @@ def holdout_of(record: dict, pool: TrainingPool, threads: int) -> dict:
                          f"{record['pool_faces']}: pass the pool they were trained on")
     torch.set_num_threads(threads)
     _, held_rows = split_holdout(pool, config.holdout_identity_fraction, config.seed)
-    augment = BatchAugment(pool.mask_colour, pool.mask_alpha, pool.mask_lit, config.mask_probability,
-                           config.mask_jitter, config.flip, torch.device("cpu"))
+    augment = pool_augment(pool, config, torch.device("cpu"))
     network = build_network_from_record(record).eval()
     with torch.no_grad():
         return holdout_metrics(network, torch.from_numpy(pool.decode(held_rows)), torch.from_numpy(pool.labels[held_rows]),
@@ -77,7 +74,5 @@ def interpolate_checkpoints(first: str | Path, second: str | Path, weight: float
     record = interpolate_records(*records, weight, name=name or out.stem)
     record["metrics"] = holdout_of(record, TrainingPool.load(pool), threads)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(record, tmp)
-    tmp.replace(out)
+    save_record(out, record)
     return record

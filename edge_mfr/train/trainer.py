@@ -186,6 +186,12 @@ def load_train_checkpoint(path) -> dict:
     return state
 
 
+def pool_augment(pool: TrainingPool, config: TrainConfig, device: torch.device) -> BatchAugment:
+    """The config's mirror and mask draws over the pool's mask layers (training batches and the hold-out)."""
+    return BatchAugment(pool.mask_colour, pool.mask_alpha, pool.mask_lit, config.mask_probability,
+                        config.mask_jitter, config.flip, device)
+
+
 def split_holdout(pool: TrainingPool, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Row indices (train, hold-out), split by identity."""
     identities = np.unique(pool.labels)
@@ -382,8 +388,7 @@ def fit(config: TrainConfig, resume: bool = False, log: Callable[[str], None] = 
     teacher_flipped = torch.from_numpy(pool.teacher_flipped if config.flip else pool.teacher).to(device)
     row_class = torch.from_numpy(class_of_row).to(device)
     mean_rgb = pool.meta["teacher_layout"]["mean_rgb"]
-    augment = BatchAugment(pool.mask_colour, pool.mask_alpha, pool.mask_lit, config.mask_probability,
-                           config.mask_jitter, config.flip, device)
+    augment = pool_augment(pool, config, device)
 
     network = build_network(config, pool)
     teacher_dim = pool.teacher.shape[1]
@@ -583,6 +588,11 @@ def _save_last(path: Path, module: nn.Module, optimizer, scheduler, config: Trai
               "module": module.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
               "state": json.loads(json.dumps(state, default=float)), "pool_meta": json.loads(json.dumps(pool.meta)),
               "pool_faces": len(pool), "pool_identities": len(pool.identities)}
+    save_record(path, record)
+
+
+def save_record(path: Path, record: dict) -> None:
+    """torch.save through a temporary file beside `path`: an interrupted write leaves the old file whole."""
     tmp = path.with_name(path.name + ".tmp")
     torch.save(record, tmp)
     os.replace(tmp, path)
