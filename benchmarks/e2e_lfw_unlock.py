@@ -7,13 +7,16 @@ unmasked photo's landmarks, and the masked frame handed to `verify`, which detec
 identity whose 3 photos are all refused (e.g. several similar-sized faces) is not enrolled and is reported.
 
 Run: python benchmarks/e2e_lfw_unlock.py [--model NAME_OR_PATH] [--detector NAME] [--identities 20] [--probes 3]
-     [--impostors 200]
+     [--impostors 200] [--enrollment-masks TYPE ...]
+`--enrollment-masks`: the synthetic masks enrollment draws (default `unlock.SYNTHETIC_MASK_TYPES`); a package's
+thresholds hold for the ones it was calibrated with (`calibration.enrollment_mask_types`).
 Needs ../shared/data/lfw. LFW is used for evaluation only.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import tempfile
 from pathlib import Path
 
@@ -22,7 +25,7 @@ import numpy as np
 from edge_mfr.errors import QualityError
 from edge_mfr.io import load_image
 from edge_mfr.masks import MASK_TYPES, apply_mask
-from edge_mfr.unlock import FaceUnlock
+from edge_mfr.unlock import SYNTHETIC_MASK_TYPES, FaceUnlock, synthesize_masked_copies
 
 LFW = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "lfw" / "images"
 
@@ -36,13 +39,16 @@ def main() -> None:
     parser.add_argument("--impostors", type=int, default=200)
     parser.add_argument("--fmr", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--enrollment-masks", nargs="+", choices=MASK_TYPES, default=list(SYNTHETIC_MASK_TYPES))
     args = parser.parse_args()
+    synthesizer = synthesize_masked_copies if tuple(args.enrollment_masks) == SYNTHETIC_MASK_TYPES else \
+        functools.partial(synthesize_masked_copies, mask_types=tuple(args.enrollment_masks))
     rng = np.random.default_rng(args.seed)
     people = sorted(d for d in LFW.iterdir() if len(list(d.glob("*.jpg"))) >= 3 + args.probes)
     people = [people[i] for i in sorted(rng.choice(len(people), args.identities, replace=False))]
     with tempfile.TemporaryDirectory() as tmp:
         systems = {agg: FaceUnlock(model=args.model, gallery=Path(tmp) / f"{agg}.emfr", passphrase="benchmark passphrase",
-                                   fmr=args.fmr, aggregation=agg, detector=args.detector)
+                                   fmr=args.fmr, aggregation=agg, detector=args.detector, mask_synthesizer=synthesizer)
                    for agg in ("max", "mean")}
         enroller = systems["max"]
         probes, enrolled = [], []
@@ -86,7 +92,8 @@ def main() -> None:
     detector_name = getattr(enroller.detector, "registry_name", type(enroller.detector).__name__)
     print(f"model {enroller.package.name}, detector {detector_name}, at FMR {args.fmr:g}; "
           f"{len(people)} of {args.identities} identities enrolled from 3 photos each, "
-          f"{len(probes)} genuine probes, {len(impostors)} impostor attempts (each unmasked and masked)")
+          f"{len(probes)} genuine probes, {len(impostors)} impostor attempts (each unmasked and masked); "
+          f"enrollment masks {', '.join(args.enrollment_masks)}")
     for agg, system in systems.items():
         print(f"  {agg} aggregation thresholds: " + ", ".join(f"{r} probes {t:.4f}" for r, t in system.thresholds.items()))
     print("| aggregation | attempts | n | accepted | rejected | no face / quality refusals |")

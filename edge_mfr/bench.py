@@ -32,13 +32,15 @@ import cv2
 import numpy as np
 
 from .errors import BackendUnavailableError, InputError, ModelPackageError
+from .unlock import SYNTHETIC_MASK_TYPES
 
 STAGES = ("decode", "detect", "quality", "align", "embed", "match")
 BACKENDS = ("ort", "ort-int8", "tensorrt")
 COMPARE_PEERS = ("face_recognition",)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 FRAME_JPEG_QUALITY = 95
-TEMPLATES_PER_USER = 8  # what enrollment stores per user: captures plus synthetic masked copies
+# What enrollment stores per user: two captures, each with its synthetic masked copies.
+TEMPLATES_PER_USER = 2 * (1 + len(SYNTHETIC_MASK_TYPES))
 PERCENTILES = (50, 90, 99)
 
 

@@ -66,6 +66,34 @@ def test_enrollment_adds_synthetic_masked_templates(enrolled):
     assert all("image" not in t for t in info["templates"])
 
 
+def test_enrollment_draws_each_synthetic_mask_type_on_each_capture(enrolled):
+    from edge_mfr.masks import MASK_TYPES
+    from edge_mfr.unlock import SYNTHETIC_MASK_TYPES
+
+    unlock, _, report = enrolled
+    assert set(SYNTHETIC_MASK_TYPES) <= set(MASK_TYPES)
+    drawn = [t["mask_type"] for t in unlock.gallery().user_info("alice")["templates"] if t["synthetic"]]
+    assert drawn == list(SYNTHETIC_MASK_TYPES) * len(report.accepted)
+
+
+def test_thresholds_calibrated_for_other_enrollment_masks_warn(tmp_path, package):
+    """More synthetic masked templates per user give impostors more chances: thresholds calibrated with another
+    set of enrollment masks may not hold, and the unlock says so."""
+    from edge_mfr.models.package import load_package
+    from edge_mfr.unlock import SYNTHETIC_MASK_TYPES, FaceUnlock
+
+    assert package.enrollment_mask_types == SYNTHETIC_MASK_TYPES  # the bundled default is calibrated as enrolled
+    for path in package.files:
+        (tmp_path / path.name).write_bytes(path.read_bytes())
+    sidecar = tmp_path / package.sidecar_path.name
+    meta = json.loads(sidecar.read_text())
+    meta["calibration"]["enrollment_mask_types"] = ["surgical", "kn95", "cloth"]
+    sidecar.write_text(json.dumps(meta))
+    other = load_package(tmp_path / package.onnx_path.name)
+    with pytest.warns(UserWarning, match="calibrated for enrollments with synthetic masks surgical, kn95, cloth"):
+        FaceUnlock(model=other, gallery=tmp_path / "g.emfr", passphrase=PASSPHRASE, detector="mtcnn")
+
+
 def test_genuine_unlocks_masked_genuine_outranks_every_impostor_and_others_are_refused(enrolled):
     """The bundled teacher is not mask-invariant: at FMR 1e-4 most masked attempts are refused (see
     docs/results.md), so acceptance is asserted for the unmasked probe, ranking for the masked one."""

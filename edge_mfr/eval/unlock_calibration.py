@@ -35,7 +35,7 @@ from ..io import load_image
 from ..masks import MASK_TYPES, apply_mask
 from ..match import AGGREGATIONS, PLAIN, ROUTES, RouteScoring, route_rows
 from ..quality import QualityPolicy, assess
-from ..unlock import synthesize_masked_copies
+from ..unlock import SYNTHETIC_MASK_TYPES, synthesize_masked_copies
 from . import metrics
 from .calibrate import LabelledImage, check_not_trained_on
 from .runner import deployed_detector, image_seed
@@ -49,9 +49,10 @@ def _largest(detector, frame):
 
 
 def _embed_identity_sets(images: list[LabelledImage], embedder: FaceEmbedder, detector,
-                         enroll_per_identity: int, seed: int, progress: bool):
-    """Per identity: template matrix (enrollment as deployed) and probe embeddings per variant; the images
-    without a face and the masked probes whose re-detection failed."""
+                         enroll_per_identity: int, seed: int, progress: bool,
+                         enrollment_mask_types: tuple[str, ...] = SYNTHETIC_MASK_TYPES):
+    """Per identity: template matrix (enrollment as deployed, with copies in `enrollment_mask_types`) and probe
+    embeddings per variant; the images without a face and the masked probes whose re-detection failed."""
     by_identity: dict[str, list[LabelledImage]] = defaultdict(list)
     for image in images:
         by_identity[image.identity].append(image)
@@ -70,7 +71,7 @@ def _embed_identity_sets(images: list[LabelledImage], embedder: FaceEmbedder, de
             if k < enroll_per_identity:
                 rows.append(embedder.embed_faces(frame, face.landmarks[None])[0])
                 masked_flags.append(False)
-                for _, masked in synthesize_masked_copies(frame, face.landmarks, rng):
+                for _, masked in synthesize_masked_copies(frame, face.landmarks, rng, enrollment_mask_types):
                     rows.append(embedder.embed_faces(masked, face.landmarks[None], route="masked")[0])
                     masked_flags.append(True)
             else:
@@ -197,6 +198,7 @@ def calibrate_unlock(package, images: list[LabelledImage], dataset, targets=(1e-
         "dataset": str(dataset),
         "split": split,
         "enroll_per_identity": enroll_per_identity,
+        "enrollment_mask_types": list(SYNTHETIC_MASK_TYPES),
         "masked_probe_templates": package.masked_probe_templates,
         "n_identities": len(templates),
         "n_probes": {v: len(p) for v, p in probes.items()},

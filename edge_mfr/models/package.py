@@ -210,6 +210,13 @@ class ModelPackage:
         return (self.meta.get("matching") or {}).get("masked_probe_templates", "all")
 
     @property
+    def enrollment_mask_types(self) -> tuple[str, ...] | None:
+        """The synthetic masks drawn at enrollment when its unlock thresholds were calibrated (more masked templates
+        per user give impostors more chances), or None where the calibration does not say."""
+        types = (self.meta.get("calibration") or {}).get("enrollment_mask_types")
+        return None if types is None else tuple(types)
+
+    @property
     def has_masked_network(self) -> bool:
         return bool(self.meta.get("masked_network"))
 
