@@ -30,6 +30,7 @@ from edge_mfr.embed import FaceEmbedder  # noqa: E402
 from edge_mfr.eval import metrics  # noqa: E402
 from edge_mfr.eval.calibrate import read_labelled_images  # noqa: E402
 from edge_mfr.eval.runner import deployed_detector, image_seed  # noqa: E402
+from edge_mfr.eval.unlock_calibration import _largest  # noqa: E402
 from edge_mfr.io import load_image  # noqa: E402
 from edge_mfr.masks import FAMILIES, MASK_TYPES, apply_mask  # noqa: E402
 from edge_mfr.match import route_rows  # noqa: E402
@@ -51,11 +52,6 @@ SETS = {
 FMRS = (1e-3, 1e-4)
 
 
-def largest_face(detector, frame):
-    faces = detector.detect(frame)
-    return max(faces, key=lambda d: d.area) if faces else None
-
-
 def embed(images, embedder, detector):
     """Per identity: clean template rows and, per mask type, masked template rows; masked-route probes as
     (identity, embedding, mask type)."""
@@ -69,7 +65,7 @@ def embed(images, embedder, detector):
             continue
         for k, image in enumerate(group):
             frame = load_image(image.path)
-            face = largest_face(detector, frame)
+            face = _largest(detector, frame)
             if face is None:
                 continue
             if k < ENROLL_PER_IDENTITY:
@@ -83,7 +79,7 @@ def embed(images, embedder, detector):
             rng = np.random.default_rng(image_seed(image.key, 0))
             mask_type = MASK_TYPES[rng.integers(len(MASK_TYPES))]
             picture = apply_mask(frame, face.landmarks, mask_type, rng)
-            seen = largest_face(detector, picture)
+            seen = _largest(detector, picture)
             if seen is not None and assess(picture, seen, policy).masked:
                 probes.append((identity, embedder.embed_faces(picture, seen.landmarks[None], route="masked")[0],
                                mask_type))
