@@ -59,16 +59,18 @@ def test_bundled_models_load_with_calibrated_thresholds():
 
 
 def test_bundled_int8_default_is_calibrated_and_each_route_agrees_with_fp32_on_a_real_face():
-    """The default's INT8 version: both graphs quantized from the FP32 default, gated, calibrated on itself per route,
-    and each route's embedding of a real demo face agrees with the FP32 default's."""
+    """The default's INT8 version: both graphs quantized (the first is the INT8 teacher's graph, byte for byte),
+    calibrated on itself per route, and each route's embedding of a real demo face agrees with the FP32 default's."""
     import cv2
 
     from edge_mfr.cli.demo import DEMO_DIR
     from edge_mfr.detect import get_detector
     from edge_mfr.embed import FaceEmbedder
+    from edge_mfr.models.package import file_sha256
 
     fp32, int8 = default_model(), load_package("dlib_resnet_v1_masked_route_int8")
     assert int8.has_masked_network and int8.masked_probe_templates == fp32.masked_probe_templates
+    assert file_sha256(int8.onnx_path) == load_package("dlib_resnet_v1_int8").fingerprint
     assert int8.meta["recipe"]["quantization"]["source"]["fingerprint"] == fp32.fingerprint
     assert int8.meta["recipe"]["quantization"]["gate"]["passed"]
     assert int8.meta["calibration"]["model_fingerprint"] == int8.fingerprint
