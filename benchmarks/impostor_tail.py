@@ -28,7 +28,7 @@ from edge_mfr.embed import FaceEmbedder  # noqa: E402
 from edge_mfr.eval import metrics  # noqa: E402
 from edge_mfr.eval.calibrate import read_labelled_images  # noqa: E402
 from edge_mfr.eval.runner import deployed_detector  # noqa: E402
-from edge_mfr.eval.unlock_calibration import _embed_identity_sets  # noqa: E402
+from edge_mfr.eval.unlock_calibration import _embed_identity_sets, identity_scores  # noqa: E402
 from edge_mfr.io import load_image  # noqa: E402
 from edge_mfr.match import ROUTES, route_rows  # noqa: E402
 from edge_mfr.models.package import default_model, load_package  # noqa: E402
@@ -39,15 +39,11 @@ SHEET_PHOTOS = 6
 SHEET_SIDE = 128
 
 
-def route_attempts(package, templates: dict, probes: list[tuple], route: str, identities: list[str]) -> np.ndarray:
-    """(probes, identities) max score of each probe of `route` against each identity's templates of that route."""
-    scoring = package.route_scoring(route)
-    probe_matrix = np.stack([p[1] for p in probes])
-    out = np.empty((len(probes), len(identities)))
-    for j, identity in enumerate(identities):
-        rows, masked = templates[identity]
-        out[:, j] = scoring.scores(probe_matrix, rows[route_rows(masked, route, package.masked_probe_templates)]).max(1)
-    return out
+def route_attempts(package, templates: dict, probes: list[tuple], route: str) -> np.ndarray:
+    """(probes, identities in sorted order) max score of each probe of `route` against each identity's templates of
+    that route, scored as the package scores the route."""
+    met = {i: rows[route_rows(masked, route, package.masked_probe_templates)] for i, (rows, masked) in templates.items()}
+    return identity_scores(met, np.stack([p[1] for p in probes]), "max", package.route_scoring(route))[1]
 
 
 def tail(scores: np.ndarray, probe_ids: np.ndarray, identities: list[str], fmr: float) -> dict:
@@ -95,7 +91,7 @@ def main() -> int:
     for route in ROUTES:
         group = [p for p in everyone if p[2] == route]
         probe_ids = np.array([p[0] for p in group])
-        row = tail(route_attempts(package, templates, group, route, identities), probe_ids, identities, args.fmr)
+        row = tail(route_attempts(package, templates, group, route), probe_ids, identities, args.fmr)
         result["routes"][route] = row
         top = ", ".join(f"{i} ({n})" for i, n in row["top_identities"])
         print(f"| {route} | {row['threshold']:.4f} | {row['above']} / {row['n_impostor']} | {row['identity_pairs']} | "

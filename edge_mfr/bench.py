@@ -32,7 +32,7 @@ import cv2
 import numpy as np
 
 from .errors import BackendUnavailableError, InputError, ModelPackageError
-from .unlock import SYNTHETIC_MASK_TYPES
+from .unlock import SYNTHETIC_MASK_TYPES, FaceUnlock, unlock_detector
 
 STAGES = ("decode", "detect", "quality", "align", "embed", "match")
 BACKENDS = ("ort", "ort-int8", "tensorrt")
@@ -152,7 +152,6 @@ class EdgePipeline:
 
     def __init__(self, model, backend: str, detector: str, threads: int, gallery_users: int, seed: int = 0):
         from .match import rank_users
-        from .unlock import FaceUnlock, unlock_detector
 
         self.backend_name, self.detector_name, self.threads = backend, detector, threads
         package = resolve_package(model, backend)
@@ -579,7 +578,6 @@ def compare_accuracy(pairs_file: Path, images_dir: Path, limit: int, detector: s
     from .eval.pairs import read_pairs
     from .eval.runner import FaceLocator, MaskPolicy, evaluate_pairs
     from .models.package import default_model, load_package
-    from .unlock import unlock_detector
 
     pair_set = read_pairs(pairs_file, images_dir, limit=limit or None)
     package = default_model() if model is None else load_package(model)

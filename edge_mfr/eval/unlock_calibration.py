@@ -49,9 +49,8 @@ def _largest(detector, frame):
 
 
 def _embed_identity_sets(images: list[LabelledImage], embedder: FaceEmbedder, detector,
-                         enroll_per_identity: int, seed: int, progress: bool,
-                         enrollment_mask_types: tuple[str, ...] = SYNTHETIC_MASK_TYPES):
-    """Per identity: template matrix (enrollment as deployed, with copies in `enrollment_mask_types`) and probe
+                         enroll_per_identity: int, seed: int, progress: bool):
+    """Per identity: template matrix (enrollment as deployed, with copies in SYNTHETIC_MASK_TYPES) and probe
     embeddings per variant; the images without a face and the masked probes whose re-detection failed."""
     by_identity: dict[str, list[LabelledImage]] = defaultdict(list)
     for image in images:
@@ -71,7 +70,7 @@ def _embed_identity_sets(images: list[LabelledImage], embedder: FaceEmbedder, de
             if k < enroll_per_identity:
                 rows.append(embedder.embed_faces(frame, face.landmarks[None])[0])
                 masked_flags.append(False)
-                for _, masked in synthesize_masked_copies(frame, face.landmarks, rng, enrollment_mask_types):
+                for _, masked in synthesize_masked_copies(frame, face.landmarks, rng):
                     rows.append(embedder.embed_faces(masked, face.landmarks[None], route="masked")[0])
                     masked_flags.append(True)
             else:
@@ -112,19 +111,24 @@ def attempt_scores(templates: dict[str, tuple[np.ndarray, np.ndarray]], probes: 
     return np.concatenate(genuine), np.concatenate(impostor)
 
 
-def _aggregated_scores(templates: dict[str, np.ndarray], probes: list[tuple], aggregation: str,
-                       scoring: RouteScoring = PLAIN):
+def identity_scores(templates: dict[str, np.ndarray], probe_matrix: np.ndarray, aggregation: str,
+                    scoring: RouteScoring = PLAIN) -> tuple[list[str], np.ndarray]:
+    """The identities (sorted) and the (probes, identities) matrix of each probe's score against each identity's
+    templates, aggregated over them (max or mean)."""
     identities = sorted(templates)
     stacked = np.concatenate([templates[i] for i in identities])
     starts = np.cumsum([0] + [len(templates[i]) for i in identities[:-1]])
-    counts = np.array([len(templates[i]) for i in identities])
-    probe_ids = np.array([p[0] for p in probes])
-    probe_matrix = np.stack([p[1] for p in probes])
     scores = scoring.scores(probe_matrix, stacked)
     if aggregation == "max":
-        per_identity = np.maximum.reduceat(scores, starts, axis=1)
-    else:
-        per_identity = np.add.reduceat(scores, starts, axis=1) / counts
+        return identities, np.maximum.reduceat(scores, starts, axis=1)
+    counts = np.array([len(templates[i]) for i in identities])
+    return identities, np.add.reduceat(scores, starts, axis=1) / counts
+
+
+def _aggregated_scores(templates: dict[str, np.ndarray], probes: list[tuple], aggregation: str,
+                       scoring: RouteScoring = PLAIN):
+    identities, per_identity = identity_scores(templates, np.stack([p[1] for p in probes]), aggregation, scoring)
+    probe_ids = np.array([p[0] for p in probes])
     own = probe_ids[:, None] == np.array(identities)[None, :]
     return per_identity[own], per_identity[~own & np.isin(probe_ids, identities)[:, None]]
 
