@@ -265,6 +265,34 @@ def test_a_student_of_another_size_learns_through_a_dropped_projection(tiny_pool
         assert network(torch.zeros(2, 3, 112, 112)).shape == (2, 64)  # the projection is not part of the model
 
 
+def test_a_standardized_target_is_fitted_on_the_training_faces_only(tiny_pool, tmp_path):
+    from edge_mfr.train.data import TrainingPool
+    from edge_mfr.train.trainer import _standardized, fit, split_holdout
+
+    pool = TrainingPool.load(tiny_pool)
+    train_rows, held_rows = split_holdout(pool, 0.2, 3)
+    teacher = torch.from_numpy(pool.teacher)
+    standardized, mirrored = _standardized(teacher, torch.from_numpy(pool.teacher_flipped), train_rows)
+    fitted = standardized[torch.from_numpy(train_rows)].double()
+    assert torch.allclose(fitted.mean(dim=0), torch.zeros(1, dtype=torch.float64), atol=1e-5)
+    assert torch.allclose(fitted.std(dim=0), torch.ones(1, dtype=torch.float64), atol=1e-4)
+    # the hold-out faces are transformed with the training faces' statistics, not their own
+    held = standardized[torch.from_numpy(held_rows)].double()
+    assert held.mean(dim=0).abs().max() > 1e-3
+    assert mirrored.shape == standardized.shape and not torch.equal(mirrored, standardized)
+
+    run = fit(tiny_config(tiny_pool, tmp_path, kd_target="standardized", arc_weight=0.0), log=lambda _: None)
+    losses = losses_of(run)
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])
+
+
+def test_a_standardized_target_is_refused_where_the_teachers_space_is_needed(tiny_pool, tmp_path):
+    with pytest.raises(InputError, match="kd_target must be"):
+        tiny_config(tiny_pool, tmp_path, kd_target="whitened")
+    with pytest.raises(InputError, match="selection must be 'student'"):
+        tiny_config(tiny_pool, tmp_path, kd_target="standardized", selection="masked_route")
+
+
 def test_cli_exits_2_on_a_bad_config(tmp_path):
     result = subprocess.run([sys.executable, "-m", "edge_mfr.train", "fit", "no_such_recipe"], capture_output=True,
                             text=True, cwd=tmp_path)

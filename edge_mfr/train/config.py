@@ -30,6 +30,7 @@ class TrainConfig:
     from the pool's precomputed layers), and the loss is
         arc_weight * ElasticFace-Arc(student, identity)               (s, margin ~ N(arc_margin, arc_margin_std))
       + mse_weight * mean squared error(student, teacher(clean face)) (raw descriptors; "lambda")
+                                                                      (or standardized ones: `kd_target`)
       + cosine_weight * mean(1 - cos(student, teacher(clean face)))   (the earlier cosine-KD objective)
     `mse_schedule="hard"` (MaskInv-HG) raises lambda from `mse_weight` to `mse_weight_high` once the
     classification loss has stabilised. `stage="triplet"` trains a new embedding layer on the frozen network of
@@ -65,6 +66,11 @@ class TrainConfig:
     mse_weight_high: float = 0.0
     hard_after_steps: int = 0  # "hard": raise lambda once the arc loss has not improved by 2% for this many steps
     cosine_weight: float = 0.0
+    # "raw": the teacher's descriptors as they are; "standardized": minus their mean over the training faces,
+    # divided by their standard deviation per dimension. The teacher's templates of different people share most
+    # of their direction (mean cosine 0.84), so a raw target is mostly one constant vector; a network trained from
+    # scratch is then asked for the part that tells people apart at a fraction of the loss's scale.
+    kd_target: str = "raw"
     triplet_margin: float = 0.2
     pair_mse_weight: float = 0.0
     # optimisation
@@ -105,6 +111,9 @@ class TrainConfig:
              "stage='triplet' trains on a pre-trained checkpoint"),
             (self.sampler in ("random", "pk"), f"sampler must be random|pk, got {self.sampler!r}"),
             (self.mse_schedule in ("fixed", "hard"), f"mse_schedule must be fixed|hard, got {self.mse_schedule!r}"),
+            (self.kd_target in ("raw", "standardized"), f"kd_target must be raw|standardized, got {self.kd_target!r}"),
+            (self.kd_target == "raw" or self.selection == "student",
+             "kd_target='standardized' leaves the teacher's space: selection must be 'student'"),
             (self.selection in SELECTIONS, f"selection must be one of {SELECTIONS}, got {self.selection!r}"),
             (self.optimizer in ("sgd", "adamw"), f"optimizer must be sgd|adamw, got {self.optimizer!r}"),
             (0.0 <= self.mask_probability <= 1.0, "mask_probability must be in [0, 1]"),

@@ -329,6 +329,14 @@ def _lr_lambdas(config: TrainConfig):
     return [lambda s: cosine(s, config.head_warmup_steps), lambda s: cosine(s, 0)]
 
 
+def _standardized(teacher: torch.Tensor, teacher_flipped: torch.Tensor, train_rows: np.ndarray):
+    """Both template sets minus the training faces' mean template, over its per-dimension deviation (the
+    statistics of the training rows only, so the hold-out stays unseen)."""
+    fitted = teacher[torch.from_numpy(np.asarray(train_rows)).to(teacher.device)].double()
+    mean, std = fitted.mean(dim=0), fitted.std(dim=0).clamp_min(1e-6)
+    return tuple(((t.double() - mean) / std).to(t.dtype) for t in (teacher, teacher_flipped))
+
+
 def _parameter_groups(module: TrainModule, config: TrainConfig):
     def split(params):
         params = [p for p in params if p.requires_grad]
@@ -386,6 +394,8 @@ def fit(config: TrainConfig, resume: bool = False, log: Callable[[str], None] = 
     decode_s = time.perf_counter() - started
     teacher = torch.from_numpy(pool.teacher).to(device)
     teacher_flipped = torch.from_numpy(pool.teacher_flipped if config.flip else pool.teacher).to(device)
+    if config.kd_target == "standardized":
+        teacher, teacher_flipped = _standardized(teacher, teacher_flipped, train_rows)
     row_class = torch.from_numpy(class_of_row).to(device)
     mean_rgb = pool.meta["teacher_layout"]["mean_rgb"]
     augment = pool_augment(pool, config, device)
