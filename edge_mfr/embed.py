@@ -8,6 +8,7 @@ from . import align
 from .errors import BackendUnavailableError, InputError
 from .match import ROUTES
 from .models.package import ModelPackage, default_model, load_package
+from .runtime.base import l2_normalise
 
 BACKENDS = ("ort", "tensorrt")
 
@@ -54,7 +55,13 @@ class FaceEmbedder:
         masked-route network and map where it has them (ModelPackage.masked_network, ModelPackage.route_map)."""
         if route not in ROUTES:
             raise InputError(f"route must be one of {ROUTES}, got {route!r}")
-        embeddings = (self.masked_backend if route == "masked" else self.backend).embed(batch)
+        backend = self.masked_backend if route == "masked" else self.backend
+        if self.package.test_time_flip:
+            # each face and its mirror image in one run (NCHW: the mirror flips W), the two embeddings averaged
+            both = backend.embed(np.concatenate([batch, batch[..., ::-1]]))
+            embeddings = l2_normalise(both[: len(batch)] + both[len(batch):])
+        else:
+            embeddings = backend.embed(batch)
         mapping = self.package.route_map(route)
         if mapping is None:
             return embeddings

@@ -66,12 +66,16 @@ def test_bundled_int8_default_is_calibrated_and_each_route_agrees_with_fp32_on_a
     from edge_mfr.cli.demo import DEMO_DIR
     from edge_mfr.detect import get_detector
     from edge_mfr.embed import FaceEmbedder
-    from edge_mfr.models.package import file_sha256
+    from edge_mfr.models.package import file_sha256, package_fingerprint
 
     fp32, int8 = default_model(), load_package("dlib_resnet_v1_masked_route_int8")
     assert int8.has_masked_network and int8.masked_probe_templates == fp32.masked_probe_templates
     assert file_sha256(int8.onnx_path) == load_package("dlib_resnet_v1_int8").fingerprint
-    assert int8.meta["recipe"]["quantization"]["source"]["fingerprint"] == fp32.fingerprint
+    # quantized from the FP32 default's networks; test-time flipping was switched on for both afterwards
+    assert int8.test_time_flip == fp32.test_time_flip
+    unflipped = {k: v for k, v in fp32.meta.items() if k != "test_time_flip"}
+    assert int8.meta["recipe"]["quantization"]["source"]["fingerprint"] in (
+        fp32.fingerprint, package_fingerprint(fp32.onnx_path, unflipped))
     assert int8.meta["recipe"]["quantization"]["gate"]["passed"]
     assert int8.meta["calibration"]["model_fingerprint"] == int8.fingerprint
     for route in ("unmasked", "masked"):
@@ -295,3 +299,35 @@ def test_a_masked_route_network_must_share_the_input_and_embedding(two_network_p
     shutil.copyfile(tmp_path / "tiny.onnx", tmp_path / "x.masked.onnx")
     with pytest.raises(ModelPackageError, match="kept for the masked-route graph"):
         save_package(tmp_path / "x.masked.onnx", META)
+
+
+def test_test_time_flip_averages_each_face_with_its_mirror_and_rebinds_the_package(package_copy):
+    from edge_mfr.cli import main as cli
+    from edge_mfr.detect import get_detector
+    from edge_mfr.embed import FaceEmbedder
+    from edge_mfr.io import load_image
+    from edge_mfr.runtime.base import l2_normalise
+
+    unflipped = package_copy.with_test_time_flip(False)
+    plain = FaceEmbedder(unflipped, threads=1)
+    assert not unflipped.test_time_flip
+    assert cli(["models", "test-time-flip", str(package_copy.onnx_path), "on"]) == 0
+    flipped = load_package(package_copy.onnx_path)  # the sidecar on disk, its fingerprint checked against it
+    assert flipped.test_time_flip and flipped.fingerprint != unflipped.fingerprint  # galleries rebind
+    assert not flipped.thresholds and "thresholds_by_aggregation" not in flipped.meta  # measured without it
+    assert "accuracy" not in flipped.meta
+    with pytest.raises(ModelPackageError, match="run `edge-mfr calibrate`"):
+        flipped.threshold_for(1e-4)
+
+    image = load_image(Path(__file__).resolve().parents[1] / "edge_mfr" / "demo_data" / "person_a_1.jpg")
+    batch = plain.preprocess(image, get_detector("yunet").detect_largest(image).landmarks[None])
+    mirror = np.ascontiguousarray(batch[..., ::-1])
+    embedder = FaceEmbedder(flipped, threads=1)
+    expected = l2_normalise(plain.embed_batch(batch) + plain.embed_batch(mirror))
+    assert np.allclose(embedder.embed_batch(batch), expected, atol=1e-5)  # unmasked route: no map to apply after
+    for route in ("unmasked", "masked"):
+        assert np.allclose(embedder.embed_batch(batch, route), embedder.embed_batch(mirror, route), atol=1e-5)
+        assert float(embedder.embed_batch(batch, route)[0] @ plain.embed_batch(batch, route)[0]) > 0.9
+
+    assert flipped.with_test_time_flip(False).fingerprint == unflipped.fingerprint
+    assert cli(["models", "test-time-flip", "no_such_package", "on"]) == 2

@@ -181,6 +181,8 @@ def _info(args) -> int:
         cohort = scoring["cohort"]
         print(f"scoring:      AS-norm against a cohort of {cohort['clean']['shape'][0]} clean and "
               f"{cohort['masked']['shape'][0]} masked faces, top {cohort['top_k']}")
+    if package.test_time_flip:
+        print("embedding:    test-time flip (each face and its mirror image, embeddings averaged)")
     if package.has_masked_network:
         masked = meta["masked_network"]
         print(f"masked route: network {masked.get('name', '?')} ({package.masked_network().onnx_path.name}) embeds "
@@ -195,6 +197,20 @@ def _info(args) -> int:
         print("params/MACs:  need the onnx package (pip install 'edge-mfr[train]')")
         return 0
     _print_counts(report, "ONNX initializers, BatchNorm folded")
+    return 0
+
+
+def _test_time_flip(args) -> int:
+    from ..models.package import load_package
+
+    path = _resolve_package(args.package)
+    if path is None:
+        raise ModelPackageError(f"no model package {args.package!r}")
+    before = load_package(path)
+    package = before.with_test_time_flip(args.setting == "on")
+    print(f"{package.name}: test-time flip {args.setting}; fingerprint {before.fingerprint[:12]} -> "
+          f"{package.fingerprint[:12]}" + (f"; thresholds and recorded accuracy dropped: run `edge-mfr calibrate` for it"
+                                          if before.meta.get("thresholds") else ""))
     return 0
 
 
@@ -235,6 +251,12 @@ def register(subparsers) -> None:
                       help="for an architecture: relu (default), prelu or leaky_relu; MACs do not depend on it")
     info.add_argument("--embedding-size", type=int, default=128, help="for an architecture")
     info.set_defaults(func=_info)
+
+    flip = commands.add_parser("test-time-flip", help="embed each face with its mirror image too (twice the work "
+                                                      "per face); changes the fingerprint and drops the thresholds and accuracy")
+    flip.add_argument("package", metavar="PACKAGE")
+    flip.add_argument("setting", choices=("on", "off"))
+    flip.set_defaults(func=_test_time_flip)
 
     dlib = commands.add_parser("import-dlib", help="build the dlib teacher package from its .dat weights")
     dlib.add_argument("--dat", help="dlib_face_recognition_resnet_model_v1.dat (default: the copy in "

@@ -43,11 +43,14 @@ def file_sha256(path: Path) -> str:
 
 def package_fingerprint(onnx_path: Path, meta: dict) -> str:
     """SHA-256 of the graph; with probe-route maps (see `ModelPackage.route_map`) or a masked-route graph
-    (`ModelPackage.masked_network`), of the graph and those, since they shape the templates a gallery stores."""
+    (`ModelPackage.masked_network`) or test-time flipping (`ModelPackage.test_time_flip`), of the graph and those,
+    since they shape the templates a gallery stores."""
     graph = file_sha256(onnx_path)
-    if not meta.get("routes") and not meta.get("masked_network"):
+    if not meta.get("routes") and not meta.get("masked_network") and not meta.get("test_time_flip"):
         return graph
     parts = [graph]
+    if meta.get("test_time_flip"):
+        parts.append("test_time_flip")
     if meta.get("routes"):
         parts.append(json.dumps(meta["routes"], sort_keys=True, separators=(",", ":")))
     if meta.get("masked_network"):  # its graph's hash, checked against the file by _check_masked_network_file
@@ -160,6 +163,23 @@ class ModelPackage:
         meta.pop("thresholds_by_aggregation", None)
         if by_aggregation:
             meta["thresholds_by_aggregation"] = by_aggregation
+        _write_json_atomic(self.sidecar_path, meta)
+        return ModelPackage(self.onnx_path, meta)
+
+    @property
+    def test_time_flip(self) -> bool:
+        """Whether every face is embedded together with its mirror image, the two embeddings averaged (sidecar
+        `test_time_flip`; twice the network's work per face)."""
+        return bool(self.meta.get("test_time_flip", False))
+
+    def with_test_time_flip(self, enabled: bool) -> "ModelPackage":
+        """Switch test-time flipping in the sidecar. The templates change, so the fingerprint does, and the
+        thresholds and accuracy measured with the other setting are dropped: run `edge-mfr calibrate` again."""
+        stale = ("test_time_flip", "thresholds", "thresholds_by_aggregation", "calibration", "aggregation", "accuracy")
+        meta = {k: v for k, v in self.meta.items() if k not in stale}
+        if enabled:
+            meta["test_time_flip"] = True
+        meta["fingerprint"] = package_fingerprint(self.onnx_path, meta)
         _write_json_atomic(self.sidecar_path, meta)
         return ModelPackage(self.onnx_path, meta)
 
