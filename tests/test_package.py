@@ -301,7 +301,7 @@ def test_a_masked_route_network_must_share_the_input_and_embedding(two_network_p
         save_package(tmp_path / "x.masked.onnx", META)
 
 
-def test_test_time_flip_averages_each_face_with_its_mirror_and_rebinds_the_package(package_copy):
+def test_test_time_flip_averages_each_face_with_its_mirror_and_rebinds_the_package(package_copy, capsys):
     from edge_mfr.cli import main as cli
     from edge_mfr.detect import get_detector
     from edge_mfr.embed import FaceEmbedder
@@ -328,6 +328,12 @@ def test_test_time_flip_averages_each_face_with_its_mirror_and_rebinds_the_packa
     for route in ("unmasked", "masked"):
         assert np.allclose(embedder.embed_batch(batch, route), embedder.embed_batch(mirror, route), atol=1e-5)
         assert float(embedder.embed_batch(batch, route)[0] @ plain.embed_batch(batch, route)[0]) > 0.9
+
+    capsys.readouterr()
+    assert cli(["models", "list", "--dir", str(package_copy.onnx_path.parent), "--json"]) == 0
+    rows = {(r["origin"], r["name"]): r for r in json.loads(capsys.readouterr().out)["packages"]}
+    listed, teacher = rows[("dir", flipped.name)], rows[("bundled", "dlib_resnet_v1")]
+    assert listed["test_time_flip"] and listed["gmacs"] == pytest.approx(2 * teacher["gmacs"])  # two runs per face
 
     assert flipped.with_test_time_flip(False).fingerprint == unflipped.fingerprint
     assert cli(["models", "test-time-flip", "no_such_package", "on"]) == 2

@@ -70,8 +70,11 @@ def _list(args) -> int:
                 broken.append(f"{onnx_path}: {exc}")
                 continue
             graphs = [f for f in package.files if f != package.sidecar_path]
+            # per face: a package that embeds the mirror image too runs its network twice
+            runs = 2 if package.test_time_flip else 1
             rows.append({"origin": origin, **package.summary(), "size_bytes": sum(g.stat().st_size for g in graphs),
-                         "params": params, "gmacs": None if macs is None else macs / 1e9,
+                         "params": params, "gmacs": None if macs is None else runs * macs / 1e9,
+                         "test_time_flip": package.test_time_flip,
                          "backend": "onnxruntime", "precision": _precision(package.meta),
                          "lfw": _lfw_accuracy(package.meta)})
     if args.json:
@@ -93,7 +96,11 @@ def _list(args) -> int:
                   f"{_thresholds_text(row['thresholds'])}")
         if not rows:
             print(f"(no packages in {', '.join(str(folder) for _, folder in sources)})")
-        elif any(row["lfw"] for row in rows):
+        flipping = [row["name"] for row in rows if row["test_time_flip"]]
+        if flipping:
+            print(f"GMACs per face: twice the network's for packages that embed each face with its mirror image "
+                  f"(test-time flip): {', '.join(flipping)}")
+        if rows and any(row["lfw"] for row in rows):
             print("LFW: accuracy and EER from each package's own metadata (accuracy.lfw: pairs and protocol "
                   "there; `edge-mfr models info NAME`); '-' where none is recorded")
     for line in broken:
