@@ -78,6 +78,7 @@ def main() -> None:
         rows = {agg: {"genuine unmasked": [], "genuine masked": [], "impostor unmasked": [], "impostor masked": []}
                 for agg in systems}
         detector = enroller.detector
+        false_matches = []
         for kind, attempts in (("genuine", probes), ("impostor", impostors)):
             for k, (claimed, photo) in enumerate(attempts):
                 image = load_image(photo)
@@ -88,7 +89,10 @@ def main() -> None:
                     variants["masked"] = apply_mask(image, face.landmarks, mask_type, args.seed + k)
                 for variant, frame in variants.items():
                     for agg, system in systems.items():
-                        rows[agg][f"{kind} {variant}"].append(system.verify(claimed, frame, str(photo)))
+                        decision = system.verify(claimed, frame, str(photo))
+                        rows[agg][f"{kind} {variant}"].append(decision)
+                        if kind == "impostor" and decision.accepted:
+                            false_matches.append((agg, variant, claimed, photo.name, decision.score))
     detector_name = getattr(enroller.detector, "registry_name", type(enroller.detector).__name__)
     print(f"model {enroller.package.name}, detector {detector_name}, at FMR {args.fmr:g}; "
           f"{len(people)} of {args.identities} identities enrolled from 3 photos each, "
@@ -104,6 +108,8 @@ def main() -> None:
             accepted = sum(d.accepted for d in decisions)
             refused = sum(d.score is None for d in decisions)
             print(f"| {agg} | {group} | {n} | {accepted / n:.1%} | {(n - accepted) / n:.1%} | {refused} |")
+    for agg, variant, claimed, photo, score in false_matches:
+        print(f"impostor accepted ({agg}, {variant}): {photo} as {claimed}, score {score:.4f}")
 
 
 if __name__ == "__main__":
