@@ -28,6 +28,8 @@ from edge_mfr.eval.runner import deployed_detector  # noqa: E402
 from edge_mfr.eval.unlock_calibration import _aggregated_scores, _embed_identity_sets  # noqa: E402
 from edge_mfr.match import RouteScoring, route_rows  # noqa: E402
 from edge_mfr.models.package import load_package  # noqa: E402
+from edge_mfr.models.route_metric import shrunk_whitening  # noqa: E402
+from edge_mfr.runtime.base import l2_normalise  # noqa: E402
 from edge_mfr.train.data import TrainingPool  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -36,16 +38,12 @@ STRENGTHS = (0.1, 0.3, 1.0, 3.0, 10.0)
 
 
 def within_class_whitening(embeddings: np.ndarray, labels: np.ndarray, strength: float) -> np.ndarray:
-    """(Sw + strength * mean eigenvalue * I)^-1/2 of the within-identity covariance, scaled to mean eigenvalue 1."""
+    """The shrunk inverse square root of the within-identity covariance (`route_metric.shrunk_whitening`)."""
     centred = embeddings.astype(np.float64).copy()
     for label in np.unique(labels):
         rows = labels == label
         centred[rows] -= centred[rows].mean(axis=0)
-    covariance = centred.T @ centred / len(centred)
-    covariance += strength * np.trace(covariance) / len(covariance) * np.eye(len(covariance))
-    values, vectors = np.linalg.eigh(covariance)
-    weight = (vectors * values ** -0.5) @ vectors.T
-    return (weight / np.mean(values ** -0.5)).astype(np.float32)
+    return shrunk_whitening(centred.T @ centred / len(centred), strength)
 
 
 def main() -> int:
@@ -55,11 +53,9 @@ def main() -> int:
     args = parser.parse_args()
     package = load_package(args.model)
     pool = TrainingPool.load(args.pool)
-    both = pool.teacher / np.linalg.norm(pool.teacher, axis=1, keepdims=True)
-    if package.test_time_flip:
-        mirrored = pool.teacher_flipped / np.linalg.norm(pool.teacher_flipped, axis=1, keepdims=True)
-        both = both + mirrored
-    training = both / np.linalg.norm(both, axis=1, keepdims=True)
+    training = l2_normalise(pool.teacher)
+    if package.test_time_flip:  # as FaceEmbedder averages a face with its mirror image
+        training = l2_normalise(training + l2_normalise(pool.teacher_flipped))
     calib = DATA / "celeba_test"
     images = read_labelled_images(calib / "images", calib / "identities.txt", split="calib")
     templates, probes, _, _ = _embed_identity_sets(images, FaceEmbedder(package, threads=1), deployed_detector(None),

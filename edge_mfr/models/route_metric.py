@@ -42,9 +42,14 @@ def fit_mask_whitening(clean: np.ndarray, masked: np.ndarray, strength: float) -
         raise InputError("the mask whitening needs at least two (clean, masked) pairs of (N, D) embeddings")
     if not strength > 0:
         raise InputError(f"the shrinkage strength must be positive, got {strength}")
-    covariance = np.cov(change.T, bias=True)
+    return shrunk_whitening(np.cov(change.T, bias=True), strength)
+
+
+def shrunk_whitening(covariance: np.ndarray, strength: float) -> np.ndarray:
+    """W (D, D), symmetric: the inverse square root of `covariance` shrunk towards a multiple of the identity by
+    `strength` (relative to its mean eigenvalue), scaled so its mean eigenvalue is 1."""
     d = covariance.shape[0]
-    covariance += strength * np.trace(covariance) / d * np.eye(d)
+    covariance = covariance + strength * np.trace(covariance) / d * np.eye(d)
     values, vectors = np.linalg.eigh(covariance)
     weight = (vectors * values ** -0.5) @ vectors.T
     return (weight / np.mean(values ** -0.5)).astype(np.float32)
