@@ -255,6 +255,19 @@ def test_bad_configs_are_refused_with_clear_errors(tiny_pool, tmp_path):
         tiny_config(tiny_pool, tmp_path, arch="resnet100")
 
 
+def test_fields_added_later_keep_the_hash_of_runs_from_before_at_their_default():
+    """A checkpoint written before `kd_target` and `holdout_seed` existed still resumes: at their defaults they
+    are left out of the hash; set, they change it. The hold-out follows `seed` unless `holdout_seed` is set."""
+    from edge_mfr.train.config import TrainConfig
+
+    base = TrainConfig(name="x", seed=5)
+    before = {k: v for k, v in base.to_dict().items() if k not in ("kd_target", "holdout_seed")}
+    assert TrainConfig.from_dict(before).result_hash() == base.result_hash()
+    assert base.with_overrides(["holdout_seed=5"]).result_hash() != base.result_hash()
+    assert base.with_overrides(["kd_target=standardized"]).result_hash() != base.result_hash()
+    assert base.split_seed == 5 and base.with_overrides(["holdout_seed=0"]).split_seed == 0
+
+
 def test_a_student_of_another_size_learns_through_a_dropped_projection(tiny_pool, tmp_path):
     from edge_mfr.train.trainer import build_network_from_record, fit, load_train_checkpoint
 
@@ -380,6 +393,15 @@ def test_two_fine_tunes_of_the_teacher_interpolate_into_a_measured_network(tiny_
         interpolate_checkpoints(kd / "final.pt", cut / "final.pt", 0.5, tmp_path / "x.pt", tiny_pool)
     scratch = [fit(tiny_config(tiny_pool, tmp_path / "runs", name=n, steps=2, eval_every=2), log=lambda _: None)
                for n in ("s1", "s2")]
+    reseeded = fit(tiny_config(tiny_pool, tmp_path / "runs", name="kd4", arc_weight=0.0, seed=4, **common),
+                   log=lambda _: None)
+    with pytest.raises(InputError, match="held out different identities"):
+        interpolate_checkpoints(kd / "final.pt", reseeded / "final.pt", 0.5, tmp_path / "x.pt", tiny_pool)
+    reseeded = fit(tiny_config(tiny_pool, tmp_path / "runs", name="kd4h", arc_weight=0.0, seed=4, holdout_seed=3,
+                               **common), log=lambda _: None)
+    assert not torch.equal(load_train_checkpoint(reseeded / "final.pt")["network"][key], first["network"][key])
+    other = interpolate_checkpoints(kd / "final.pt", reseeded / "final.pt", 0.5, tmp_path / "seeds.pt", tiny_pool, threads=1)
+    assert other["metrics"]["tpr_uu"] >= 0
     with pytest.raises(InputError, match="trained from scratch"):
         interpolate_checkpoints(scratch[0] / "final.pt", scratch[1] / "final.pt", 0.5, tmp_path / "x.pt", tiny_pool)
     smaller = tmp_path / "smaller.npz"

@@ -20,6 +20,9 @@ ARCHES = ("dlib_resnet", "mfn_s", "mfn_m")
 SELECTIONS = ("student", "masked_route")
 # Fields that may differ on resume: where and how fast the run goes, not what it computes.
 RUNTIME_FIELDS = ("out_dir", "device", "threads", "amp", "time_budget_s", "stop_after_steps", "progress", "pool")
+# Fields added after runs existed, with the default that keeps what those runs computed: left out of the hash at
+# that default, so a checkpoint from before still resumes.
+LATER_FIELDS = {"kd_target": "raw", "holdout_seed": None}
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,10 @@ class TrainConfig:
     # its masked faces against the teacher's clean templates, the comparison a masked unlock makes)
     selection: str = "student"
     seed: int = 0
+    # The hold-out's identities and masks (None: `seed`). Runs that differ only in `seed` (initialisation of the
+    # head, batch order, augmentation) then train on the same identities and are measured on the same faces,
+    # which weight-averaging their networks needs.
+    holdout_seed: int | None = None
     # machine (RUNTIME_FIELDS: may change on resume)
     device: str = "cpu"
     amp: bool = False  # bfloat16 autocast on CUDA
@@ -125,12 +132,18 @@ class TrainConfig:
             if not ok:
                 raise InputError(f"config {self.name!r}: {message}")
 
+    @property
+    def split_seed(self) -> int:
+        """The seed of the hold-out split and of its masks."""
+        return self.seed if self.holdout_seed is None else self.holdout_seed
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def result_hash(self) -> str:
         """Hash of every field that changes what the run computes (not RUNTIME_FIELDS)."""
-        fields = {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
+        fields = {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS
+                  and not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
     @classmethod

@@ -32,6 +32,9 @@ def interpolate_records(first: dict, second: dict, weight: float, name: str) -> 
         if getattr(a, field) != getattr(b, field):
             raise InputError(f"{a.name} and {b.name} are not one network from one start: {field} is "
                              f"{getattr(a, field)!r} against {getattr(b, field)!r}")
+    if (a.split_seed, a.holdout_identity_fraction) != (b.split_seed, b.holdout_identity_fraction):
+        raise InputError(f"{a.name} and {b.name} held out different identities (hold-out seed {a.split_seed} "
+                         f"against {b.split_seed}): set holdout_seed to train both on the same identities")
     if a.init == "scratch":
         raise InputError(f"{a.name} and {b.name} were trained from scratch: weight interpolation needs two "
                          "fine-tunes of one pre-trained network (independent runs do not share a basin)")
@@ -57,7 +60,7 @@ def holdout_of(record: dict, pool: TrainingPool, threads: int) -> dict:
         raise InputError(f"the pool holds {len(pool)} faces, the networks were trained on a pool of "
                          f"{record['pool_faces']}: pass the pool they were trained on")
     torch.set_num_threads(threads)
-    _, held_rows = split_holdout(pool, config.holdout_identity_fraction, config.seed)
+    _, held_rows = split_holdout(pool, config.holdout_identity_fraction, config.split_seed)
     augment = pool_augment(pool, config, torch.device("cpu"))
     network = build_network_from_record(record).eval()
     with torch.no_grad():

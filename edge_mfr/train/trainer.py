@@ -219,7 +219,7 @@ def holdout_metrics(network: nn.Module, crops: torch.Tensor, labels: torch.Tenso
     network as the masked route of a two-network package whose other network made `teacher_templates`)."""
     was_training = network.training
     network.eval()
-    choice = augment.draw(len(crops), step_generator(config.seed, HOLDOUT_SEED_STEP))
+    choice = augment.draw(len(crops), step_generator(config.split_seed, HOLDOUT_SEED_STEP))
     choice["flip"][:] = False
     views = {}
     for masked in (False, True):
@@ -385,7 +385,7 @@ def fit(config: TrainConfig, resume: bool = False, log: Callable[[str], None] = 
         if rank == 0:
             pool.save(config.pool)
         log(f"teacher templates of {len(pool)} faces (and mirrors) in {time.perf_counter() - started:.1f} s")
-    train_rows, held_rows = split_holdout(pool, config.holdout_identity_fraction, config.seed)
+    train_rows, held_rows = split_holdout(pool, config.holdout_identity_fraction, config.split_seed)
     classes = {int(c): i for i, c in enumerate(np.unique(pool.labels[train_rows]))}
     class_of_row = np.full(len(pool), -1, np.int64)
     class_of_row[train_rows] = [classes[int(label)] for label in pool.labels[train_rows]]
