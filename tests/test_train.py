@@ -372,11 +372,11 @@ def test_two_fine_tunes_of_the_teacher_interpolate_into_a_measured_network(tiny_
     arc = fit(tiny_config(tiny_pool, tmp_path / "runs", name="arc", mse_weight=0.0, **common), log=lambda _: None)
     first, second = (load_train_checkpoint(run / "final.pt") for run in (kd, arc))
 
-    same = interpolate_checkpoints(kd / "final.pt", arc / "final.pt", 0.0, tmp_path / "w0.pt", tiny_pool, threads=1)
+    same = interpolate_checkpoints([kd / "final.pt", arc / "final.pt"], [1.0, 0.0], tmp_path / "w0.pt", tiny_pool, threads=1)
     assert all(torch.equal(same["network"][k], first["network"][k]) for k in first["network"])
     assert same["metrics"] == pytest.approx({k: v for k, v in first["metrics"].items() if k != "step"}, abs=1e-6)
 
-    mid = interpolate_checkpoints(kd / "final.pt", arc / "final.pt", 0.5, tmp_path / "soup.pt", tiny_pool, threads=1)
+    mid = interpolate_checkpoints([kd / "final.pt", arc / "final.pt"], [0.5, 0.5], tmp_path / "soup.pt", tiny_pool, threads=1)
     key = "units.0.conv1.weight"
     assert not torch.equal(first["network"][key], second["network"][key])
     assert torch.allclose(mid["network"][key], (first["network"][key] + second["network"][key]) / 2)
@@ -385,27 +385,36 @@ def test_two_fine_tunes_of_the_teacher_interpolate_into_a_measured_network(tiny_
     assert recipe["method"].startswith("weight interpolation: 0.5 x kd (MSE") and " + 0.5 x arc (ElasticFace" in recipe["method"]
     assert [r["name"] for r in recipe["interpolation"]["from"]] == ["kd", "arc"]
 
-    with pytest.raises(InputError, match="weight must be in"):
-        interpolate_checkpoints(kd / "final.pt", arc / "final.pt", 1.5, tmp_path / "x.pt", tiny_pool)
+    with pytest.raises(InputError, match="weights must be in"):
+        interpolate_checkpoints([kd / "final.pt", arc / "final.pt"], [-0.5, 1.5], tmp_path / "x.pt", tiny_pool)
     cut = fit(tiny_config(tiny_pool, tmp_path / "runs", name="cut", arc_weight=0.0, drop_units=(12,), **common),
               log=lambda _: None)
     with pytest.raises(InputError, match="not one network from one start: drop_units"):
-        interpolate_checkpoints(kd / "final.pt", cut / "final.pt", 0.5, tmp_path / "x.pt", tiny_pool)
+        interpolate_checkpoints([kd / "final.pt", cut / "final.pt"], [0.5, 0.5], tmp_path / "x.pt", tiny_pool)
     scratch = [fit(tiny_config(tiny_pool, tmp_path / "runs", name=n, steps=2, eval_every=2), log=lambda _: None)
                for n in ("s1", "s2")]
     reseeded = fit(tiny_config(tiny_pool, tmp_path / "runs", name="kd4", arc_weight=0.0, seed=4, **common),
                    log=lambda _: None)
     with pytest.raises(InputError, match="held out different identities"):
-        interpolate_checkpoints(kd / "final.pt", reseeded / "final.pt", 0.5, tmp_path / "x.pt", tiny_pool)
+        interpolate_checkpoints([kd / "final.pt", reseeded / "final.pt"], [0.5, 0.5], tmp_path / "x.pt", tiny_pool)
     reseeded = fit(tiny_config(tiny_pool, tmp_path / "runs", name="kd4h", arc_weight=0.0, seed=4, holdout_seed=3,
                                **common), log=lambda _: None)
     assert not torch.equal(load_train_checkpoint(reseeded / "final.pt")["network"][key], first["network"][key])
-    other = interpolate_checkpoints(kd / "final.pt", reseeded / "final.pt", 0.5, tmp_path / "seeds.pt", tiny_pool, threads=1)
-    assert other["metrics"]["tpr_uu"] >= 0
+    three = [str(run / "final.pt") for run in (kd, arc, reseeded)]
+    cli = [sys.executable, "-m", "edge_mfr.train", "interpolate", *three, "--pool", str(tiny_pool), "--threads", "1"]
+    done = subprocess.run(cli + ["--out", str(tmp_path / "soup3.pt")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    soup = load_train_checkpoint(tmp_path / "soup3.pt")
+    parts = [load_train_checkpoint(path)["network"][key] for path in three]
+    assert torch.allclose(soup["network"][key], sum(parts) / 3, atol=1e-7)
+    method = load_package(export_package(tmp_path / "soup3.pt", tmp_path / "soup3.onnx").onnx_path).meta["recipe"]["method"]
+    assert method.count(" x ") == 3 and "kd4h (MSE" in method and "seed 4)" in method
+    refused = subprocess.run(cli + ["--out", str(tmp_path / "x.pt"), "--weight", "0.5"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "use --weights" in refused.stderr
     with pytest.raises(InputError, match="trained from scratch"):
-        interpolate_checkpoints(scratch[0] / "final.pt", scratch[1] / "final.pt", 0.5, tmp_path / "x.pt", tiny_pool)
+        interpolate_checkpoints([scratch[0] / "final.pt", scratch[1] / "final.pt"], [0.5, 0.5], tmp_path / "x.pt", tiny_pool)
     smaller = tmp_path / "smaller.npz"
     subprocess.run([sys.executable, "-m", "edge_mfr.train", "subset", str(tiny_pool), "--per-identity", "2",
                     "--out", str(smaller)], check=True, capture_output=True)
     with pytest.raises(InputError, match="pass the pool they were trained on"):
-        interpolate_checkpoints(kd / "final.pt", arc / "final.pt", 0.5, tmp_path / "x.pt", smaller)
+        interpolate_checkpoints([kd / "final.pt", arc / "final.pt"], [0.5, 0.5], tmp_path / "x.pt", smaller)

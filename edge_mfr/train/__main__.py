@@ -48,12 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--out", required=True, help="output .onnx")
     export.add_argument("--name")
 
-    interpolate = commands.add_parser("interpolate", help="weight interpolation of two fine-tunes of one network "
+    interpolate = commands.add_parser("interpolate", help="weight interpolation of fine-tunes of one network "
                                       "(WiSE-FT / model soups) -> a best.pt-style checkpoint, measured on the hold-out")
-    interpolate.add_argument("first", help="best.pt (or final.pt, last.pt) of the first run")
-    interpolate.add_argument("second", help="the second run's, from the same starting weights")
-    interpolate.add_argument("--weight", type=float, required=True, help="share of the second run, 0-1")
-    interpolate.add_argument("--pool", required=True, help="the training pool both runs used (for the hold-out)")
+    interpolate.add_argument("checkpoints", nargs="+", help="best.pt (or final.pt, last.pt) of each run, all from the "
+                             "same starting weights")
+    share = interpolate.add_mutually_exclusive_group()
+    share.add_argument("--weight", type=float, help="two runs: the share of the second, 0-1")
+    share.add_argument("--weights", help="one weight per run, comma-separated, summing to 1 (default: uniform)")
+    interpolate.add_argument("--pool", required=True, help="the training pool the runs used (for the hold-out)")
     interpolate.add_argument("--out", required=True, help="output .pt (export it like a run's best.pt)")
     interpolate.add_argument("--name", help="the network's name (default: the output's stem)")
     interpolate.add_argument("--threads", type=int, default=2)
@@ -114,8 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "interpolate":
             from edge_mfr.train.interpolate import interpolate_checkpoints
 
-            record = interpolate_checkpoints(args.first, args.second, args.weight, args.out, args.pool,
-                                             name=args.name, threads=args.threads)
+            weights = _interpolation_weights(args)
+            record = interpolate_checkpoints(args.checkpoints, weights, args.out, args.pool, name=args.name,
+                                             threads=args.threads)
             metrics = record["metrics"]
             print(f"wrote {args.out}: hold-out TPR@FMR1e-3 uu {metrics['tpr_uu']:.4f} um {metrics['tpr_um']:.4f} "
                   f"mm {metrics['tpr_mm']:.4f} masked_route {metrics['tpr_masked_route']:.4f}")
@@ -141,6 +144,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _interpolation_weights(args) -> list[float] | None:
+    """--weight (two runs: the second's share) or --weights (one per run); None: a uniform soup."""
+    from edge_mfr.errors import InputError
+
+    if args.weight is not None:
+        if len(args.checkpoints) != 2:
+            raise InputError(f"--weight is the second run's share of two; {len(args.checkpoints)} checkpoints "
+                             "given: use --weights")
+        return [1.0 - args.weight, args.weight]
+    if args.weights is None:
+        return None
+    try:
+        return [float(w) for w in args.weights.split(",")]
+    except ValueError:
+        raise InputError(f"--weights {args.weights!r}: expected comma-separated numbers") from None
 
 
 def _pair_arguments(parser, faces: int, out: str) -> None:

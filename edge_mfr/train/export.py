@@ -87,13 +87,16 @@ def _output_size(network, size: int) -> int:
 
 def _interpolation_recipe(interpolation: dict) -> dict:
     """What an interpolated network (`python -m edge_mfr.train interpolate`) is made of, for its recipe."""
-    weight = interpolation["weight"]
-    (a, b) = (TrainConfig.from_dict(r["config"]) for r in interpolation["from"])
-    return {"method": f"weight interpolation: {1 - weight:g} x {a.name} ({_method(a)}) + {weight:g} x {b.name} "
-                      f"({_method(b)})",
-            "interpolation": {"weight": weight, "from": [
-                {"name": r["config"]["name"], "config_hash": r["config_hash"], "step": r["step"],
-                 "holdout_metrics": r["holdout_metrics"]} for r in interpolation["from"]]}}
+    weights = interpolation["weights"]
+    configs = [TrainConfig.from_dict(r["config"]) for r in interpolation["from"]]
+    parts = [f"{w:.3g} x {c.name} ({_method(c)}{'' if c.seed == configs[0].seed else f', seed {c.seed}'})"
+             for w, c in zip(weights, configs)]
+    summary = {"weights": weights, "from": [
+        {"name": r["config"]["name"], "seed": r["config"]["seed"], "config_hash": r["config_hash"], "step": r["step"],
+         "holdout_metrics": r["holdout_metrics"]} for r in interpolation["from"]]}
+    if len(weights) == 2:
+        summary["weight"] = weights[1]  # the share of the second, as two-network recipes have stated it
+    return {"method": "weight interpolation: " + " + ".join(parts), "interpolation": summary}
 
 
 def _method(config: TrainConfig) -> str:
