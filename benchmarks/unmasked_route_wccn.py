@@ -28,22 +28,13 @@ from edge_mfr.eval.runner import deployed_detector  # noqa: E402
 from edge_mfr.eval.unlock_calibration import _aggregated_scores, _embed_identity_sets  # noqa: E402
 from edge_mfr.match import RouteScoring, route_rows  # noqa: E402
 from edge_mfr.models.package import load_package  # noqa: E402
-from edge_mfr.models.route_metric import shrunk_whitening  # noqa: E402
+from edge_mfr.models.route_metric import within_class_whitening  # noqa: E402
 from edge_mfr.runtime.base import l2_normalise  # noqa: E402
 from edge_mfr.train.data import TrainingPool  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 FMRS = (1e-3, 1e-4, 1e-5)
 STRENGTHS = (0.1, 0.3, 1.0, 3.0, 10.0)
-
-
-def within_class_whitening(embeddings: np.ndarray, labels: np.ndarray, strength: float) -> np.ndarray:
-    """The shrunk inverse square root of the within-identity covariance (`route_metric.shrunk_whitening`)."""
-    centred = embeddings.astype(np.float64).copy()
-    for label in np.unique(labels):
-        rows = labels == label
-        centred[rows] -= centred[rows].mean(axis=0)
-    return shrunk_whitening(centred.T @ centred / len(centred), strength)
 
 
 def main() -> int:

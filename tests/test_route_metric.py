@@ -12,7 +12,7 @@ from edge_mfr.eval.unlock_calibration import attempt_scores
 from edge_mfr.match import RouteScoring, scoring_space
 from edge_mfr.models.package import load_package
 from edge_mfr.models.route_metric import (fit_mask_whitening, select_strength, with_masked_metric,
-                                         with_score_cohort)
+                                         with_score_cohort, within_class_whitening)
 
 
 def _pairs(seed=0, identities=80, per_identity=3, d=16):
@@ -39,6 +39,18 @@ def test_whitening_shrinks_what_a_mask_changes_and_keeps_the_rest():
         fit_mask_whitening(clean, masked, strength=0.0)
     with pytest.raises(InputError, match="two"):
         fit_mask_whitening(clean[:1], masked[:1], strength=0.1)
+
+
+def test_within_class_whitening_damps_how_one_persons_embeddings_vary_not_where_people_differ():
+    """WCCN on the masked views: the two nuisance directions vary within each identity (damped); the identity
+    centres vary between identities only, which centring on each identity's mean removes."""
+    _, masked, labels = _pairs()
+    weight = within_class_whitening(masked, labels, strength=0.1)
+    np.testing.assert_allclose(weight, weight.T, atol=1e-5)
+    gains = np.linalg.norm(weight, axis=0)
+    assert gains[:2].max() < 0.5 * np.median(gains[2:])
+    shifted = masked + 5.0 * np.eye(masked.shape[1])[labels % masked.shape[1]]  # per-identity offsets only
+    np.testing.assert_allclose(within_class_whitening(shifted, labels, 0.1), weight, atol=1e-5)
 
 
 def test_strength_is_chosen_on_identity_disjoint_folds_and_beats_plain_cosine_here():

@@ -55,6 +55,17 @@ def shrunk_whitening(covariance: np.ndarray, strength: float) -> np.ndarray:
     return (weight / np.mean(values ** -0.5)).astype(np.float32)
 
 
+def within_class_whitening(embeddings: np.ndarray, labels: np.ndarray, strength: float) -> np.ndarray:
+    """WCCN: the shrunk inverse square root (`shrunk_whitening`) of the within-identity covariance of
+    `embeddings` (N, D), each row centred on the mean of its identity's rows."""
+    labels = np.asarray(labels)
+    centred = np.asarray(embeddings, np.float64).copy()
+    for label in np.unique(labels):
+        rows = labels == label
+        centred[rows] -= centred[rows].mean(axis=0)
+    return shrunk_whitening(centred.T @ centred / len(centred), strength)
+
+
 def select_strength(clean: np.ndarray, masked: np.ndarray, identities, strengths=STRENGTHS, fmr: float = 1e-3,
                     seed: int = 0) -> tuple[float, list[dict]]:
     """Shrinkage chosen on identity-disjoint folds of the pairs: clean-vs-masked TPR at `fmr` across different
