@@ -411,6 +411,11 @@ def test_two_fine_tunes_of_the_teacher_interpolate_into_a_measured_network(tiny_
     assert method.count(" x ") == 3 and "kd4h (MSE" in method and "seed 4)" in method
     refused = subprocess.run(cli + ["--out", str(tmp_path / "x.pt"), "--weight", "0.5"], capture_output=True, text=True)
     assert refused.returncode == 2 and "use --weights" in refused.stderr
+    for weights, message in (("0.5,0.5", "one weight each"), ("0.5,x,0.5", "comma-separated numbers"),
+                             ("0.6,0.6,-0.2", "sum to 1")):
+        refused = subprocess.run(cli + ["--out", str(tmp_path / "x.pt"), "--weights", weights], capture_output=True,
+                                 text=True)
+        assert refused.returncode == 2 and message in refused.stderr, (weights, refused.stderr)
     with pytest.raises(InputError, match="trained from scratch"):
         interpolate_checkpoints([scratch[0] / "final.pt", scratch[1] / "final.pt"], [0.5, 0.5], tmp_path / "x.pt", tiny_pool)
     smaller = tmp_path / "smaller.npz"
