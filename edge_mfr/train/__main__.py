@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from edge_mfr.errors import EdgeMfrError
+from edge_mfr.errors import EdgeMfrError, InputError
 
 DEFAULT_DATA = os.environ.get("EDGE_MFR_DATA", str(Path(__file__).resolve().parents[3] / "shared" / "data"))
 
@@ -148,8 +148,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _interpolation_weights(args) -> list[float] | None:
     """--weight (two runs: the second's share) or --weights (one per run); None: a uniform soup."""
-    from edge_mfr.errors import InputError
-
     if args.weight is not None:
         if len(args.checkpoints) != 2:
             raise InputError(f"--weight is the second run's share of two; {len(args.checkpoints)} checkpoints "
@@ -204,7 +202,6 @@ def pairs_provenance(pairs) -> dict:
 
 
 def route_map_command(args) -> None:
-    from edge_mfr.errors import InputError
     from edge_mfr.models.package import load_package
     from edge_mfr.models.route_map import fit_ridge, select_alpha, with_masked_route
 

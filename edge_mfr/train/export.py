@@ -94,8 +94,6 @@ def _interpolation_recipe(interpolation: dict) -> dict:
     summary = {"weights": weights, "from": [
         {"name": r["config"]["name"], "seed": r["config"]["seed"], "config_hash": r["config_hash"], "step": r["step"],
          "holdout_metrics": r["holdout_metrics"]} for r in interpolation["from"]]}
-    if len(weights) == 2:
-        summary["weight"] = weights[1]  # the share of the second, as two-network recipes have stated it
     return {"method": "weight interpolation: " + " + ".join(parts), "interpolation": summary}
 
 

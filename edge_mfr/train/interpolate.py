@@ -34,6 +34,9 @@ def interpolate_records(records: list[dict], weights: list[float], name: str) ->
         raise InputError(f"interpolation weights must be in [0, 1] and sum to 1, got {weights}")
     configs = [TrainConfig.from_dict(r["config"]) for r in records]  # normalised: drop_units a tuple
     a = configs[0]
+    if a.init == "scratch":  # `init` is one of SAME_NETWORK_FIELDS: the others agree or are refused below
+        raise InputError(f"{a.name} was trained from scratch: weight interpolation needs fine-tunes of one "
+                         "pre-trained network (independent runs do not share a basin)")
     for b, record in zip(configs[1:], records[1:]):
         for field in SAME_NETWORK_FIELDS:
             if getattr(a, field) != getattr(b, field):
@@ -42,9 +45,6 @@ def interpolate_records(records: list[dict], weights: list[float], name: str) ->
         if (a.split_seed, a.holdout_identity_fraction) != (b.split_seed, b.holdout_identity_fraction):
             raise InputError(f"{a.name} and {b.name} held out different identities (hold-out seed {a.split_seed} "
                              f"against {b.split_seed}): set holdout_seed to train both on the same identities")
-        if a.init == "scratch":
-            raise InputError(f"{a.name} and {b.name} were trained from scratch: weight interpolation needs "
-                             "fine-tunes of one pre-trained network (independent runs do not share a basin)")
         if records[0]["pool_meta"]["teacher_fingerprint"] != record["pool_meta"]["teacher_fingerprint"]:
             raise InputError(f"{a.name} and {b.name} learned from different teachers")
         net_a, net_b = records[0]["network"], record["network"]
