@@ -74,7 +74,7 @@ def embed(images, embedder, detector):
                     rng = np.random.default_rng(image_seed(f"{image.key}:{mask_type}", 0))
                     copy = apply_mask(frame, face.landmarks, mask_type, rng)
                     masked[identity][mask_type].append(
-                        embedder.embed_faces(copy, face.landmarks[None], route="masked")[0])
+                        embedder.embed_faces(copy, face.landmarks[None], route="masked", detected=False)[0])
                 continue
             rng = np.random.default_rng(image_seed(image.key, 0))
             mask_type = MASK_TYPES[rng.integers(len(MASK_TYPES))]

@@ -40,6 +40,13 @@ class FaceEmbedder:
         masked = package.masked_network()
         self.masked_backend = make_backend(masked, backend, threads) if masked is not None else self.backend
         self.align_threads = align_threads
+        refiner = package.masked_alignment_refiner
+        if refiner is None:
+            self.refiner = None
+        else:
+            from .masked_alignment import MaskedAlignmentRefiner
+
+            self.refiner = MaskedAlignmentRefiner(refiner["name"], refiner["graph_sha256"], threads or 1)
 
     @property
     def fingerprint(self) -> str:
@@ -69,6 +76,16 @@ class FaceEmbedder:
 
         return apply_map(embeddings, *mapping)
 
-    def embed_faces(self, image: np.ndarray, landmarks: np.ndarray, route: str = "unmasked") -> np.ndarray:
-        """(K, 5, 2) landmarks of one BGR frame -> (K, D) L2-normalised embeddings (route: see embed_batch)."""
+    def masked_landmarks(self, image: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+        """(K, 5, 2) points detected on masked faces, moved by the package's masked-face alignment refiner where it
+        has one (ModelPackage.masked_alignment_refiner)."""
+        return landmarks if self.refiner is None else self.refiner.refine(image, landmarks)
+
+    def embed_faces(self, image: np.ndarray, landmarks: np.ndarray, route: str = "unmasked",
+                    detected: bool = True) -> np.ndarray:
+        """(K, 5, 2) landmarks of one BGR frame -> (K, D) L2-normalised embeddings (route: see embed_batch).
+        Masked faces whose points were detected on them are first realigned (`masked_landmarks`); pass
+        detected=False for points that came from elsewhere (a synthetic mask drawn at a clean photo's points)."""
+        if route == "masked" and detected:
+            landmarks = self.masked_landmarks(image, landmarks)
         return self.embed_batch(self.preprocess(image, landmarks), route)

@@ -227,7 +227,8 @@ class FaceUnlock:
         start = watch.lap("quality", start)
         if not report.passed:
             return Capture(source, len(faces), competing, face, report, None, watch.latency)
-        batch = self.embedder.preprocess(frame, face.landmarks[None])
+        points = self.embedder.masked_landmarks(frame, face.landmarks[None]) if report.masked else face.landmarks[None]
+        batch = self.embedder.preprocess(frame, points)
         start = watch.lap("align", start)
         # The probe's route (as the quality gate judges it) picks its threshold and, where the model has one, the
         # masked-route map of its embedding.
@@ -266,7 +267,8 @@ class FaceUnlock:
                 if self.mask_synthesizer is not None and not any(i["masked"] for i in info):
                     for mask_type, masked in self.mask_synthesizer(frame, cap.detection.landmarks, rng):
                         synthetic_templates.append(
-                            self.embedder.embed_faces(masked, cap.detection.landmarks[None], route="masked")[0])
+                            self.embedder.embed_faces(masked, cap.detection.landmarks[None], route="masked",
+                                                      detected=False)[0])
                         synthetic_info.append({"source": Path(cap.source).name, "masked": True, "synthetic": True,
                                                "mask_type": mask_type})
                         del masked

@@ -253,6 +253,45 @@ def test_bad_configs_are_refused_with_clear_errors(tiny_pool, tmp_path):
         fit(tiny_config(tiny_pool, tmp_path, input_size=96), log=lambda _: None)
     with pytest.raises(InputError, match="arch must be"):
         tiny_config(tiny_pool, tmp_path, arch="resnet100")
+    with pytest.raises(InputError, match="masked_view_alignment takes 8 numbers"):
+        tiny_config(tiny_pool, tmp_path, masked_view_alignment=(0.0, 0.0, 0.03, 0.5))
+    with pytest.raises(InputError, match="masked_view_alignment takes 8 numbers"):
+        tiny_config(tiny_pool, tmp_path, masked_view_alignment=(0, 0, 0, 0, 0.03, -0.03, 0.08, 3.8))
+
+
+def test_masked_views_move_as_a_redetection_moves_them_and_the_hold_out_stays_put(tiny_pool):
+    """Only masked views are moved; the move is the similarity the config's numbers describe (checked against
+    OpenCV's warp of the same chips); the hold-out's draw leaves them where the clean points put them."""
+    import math
+
+    import cv2
+    import torch
+
+    from edge_mfr.train.augment import BatchAugment, step_generator
+    from edge_mfr.train.data import TrainingPool
+
+    pool = TrainingPool.load(tiny_pool)
+    chips = pool.decode(np.arange(8))
+    side = chips.shape[1]
+    view = (0.03, -0.02, 0.08, 5.0)
+    augment = BatchAugment(pool.mask_colour, pool.mask_alpha, pool.mask_lit, 0.5, 0.04, False, torch.device("cpu"),
+                           masked_view_alignment=view + (0.0, 0.0, 0.0, 0.0))
+    choice = augment.draw(8, step_generator(0, 0))
+    choice["masked"] = torch.tensor([True, False] * 4)
+    moved = augment.apply(torch.from_numpy(chips), choice).numpy()
+    still = augment.apply(torch.from_numpy(chips), {k: v for k, v in choice.items() if k != "view"}).numpy()
+    assert np.array_equal(moved[1::2], chips[1::2].astype(np.float32))  # clean views untouched
+    scale, angle = math.exp(view[2]), math.radians(view[3])
+    rotation = scale * np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+    centre = np.full(2, side / 2 - 0.5)  # OpenCV's pixel centres
+    shift = centre + np.array(view[:2]) * side - rotation @ centre
+    matrix = np.hstack([rotation, shift[:, None]])
+    for masked_chip, moved_chip in zip(still[::2], moved[::2]):
+        expected = cv2.warpAffine(masked_chip, matrix, (side, side), flags=cv2.INTER_LINEAR,
+                                  borderMode=cv2.BORDER_REPLICATE)
+        assert np.abs(moved_chip - expected)[8:-8, 8:-8].mean() < 0.5  # ours is rounded to 8 bits
+        assert np.abs(moved_chip - masked_chip)[8:-8, 8:-8].mean() > 5.0
+    assert "view" not in augment.draw(8, step_generator(0, 0), realign=False)
 
 
 def test_fields_added_later_keep_the_hash_of_runs_from_before_at_their_default():
@@ -260,11 +299,16 @@ def test_fields_added_later_keep_the_hash_of_runs_from_before_at_their_default()
     are left out of the hash; set, they change it. The hold-out follows `seed` unless `holdout_seed` is set."""
     from edge_mfr.train.config import TrainConfig
 
+    from edge_mfr.train.config import LATER_FIELDS
+
     base = TrainConfig(name="x", seed=5)
-    before = {k: v for k, v in base.to_dict().items() if k not in ("kd_target", "holdout_seed")}
+    before = {k: v for k, v in base.to_dict().items() if k not in LATER_FIELDS}
     assert TrainConfig.from_dict(before).result_hash() == base.result_hash()
     assert base.with_overrides(["holdout_seed=5"]).result_hash() != base.result_hash()
     assert base.with_overrides(["kd_target=standardized"]).result_hash() != base.result_hash()
+    realigned = base.with_overrides(["masked_view_alignment=0,0,0.03,0.5,0.03,0.03,0.08,3.8"])
+    assert realigned.masked_view_alignment == (0.0, 0.0, 0.03, 0.5, 0.03, 0.03, 0.08, 3.8)
+    assert realigned.result_hash() != base.result_hash()
     assert base.split_seed == 5 and base.with_overrides(["holdout_seed=0"]).split_seed == 0
 
 

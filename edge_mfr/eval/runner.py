@@ -240,9 +240,13 @@ class _Model:
         self.cache_key = hashlib.sha256(
             f"{package.fingerprint}|{meta.get('input')}|{meta.get('alignment')}".encode()).hexdigest()
 
-    def embed(self, images: list[np.ndarray], landmarks: list[np.ndarray], masked: bool = False) -> np.ndarray:
+    def embed(self, images: list[np.ndarray], landmarks: list[np.ndarray], masked: bool = False,
+              detected: bool = False) -> np.ndarray:
         """One face per image; aligned one image at a time, then embedded as a single batch. Masked images take
-        the model's masked route (its masked-route map, if it has one): the side a pair masked is known here."""
+        the model's masked route (its masked-route map, if it has one): the side a pair masked is known here.
+        `detected`: the masked images' points were detected on them (realigned as an unlock would)."""
+        if masked and detected:
+            landmarks = [self.embedder.masked_landmarks(img, lm[None])[0] for img, lm in zip(images, landmarks)]
         batch = np.concatenate([self.embedder.preprocess(img, lm[None]) for img, lm in zip(images, landmarks)])
         return self.embedder.embed_batch(batch, "masked" if masked else "unmasked")
 
@@ -361,7 +365,8 @@ class EmbeddingExtractor:
                 todo = [(row, img, lm) for row, img, lm, wanted in pending if model_index in wanted]
                 if not todo:
                     continue
-                vectors = model.embed([img for _, img, _ in todo], [lm for _, _, lm in todo], masked)
+                vectors = model.embed([img for _, img, _ in todo], [lm for _, _, lm in todo], masked,
+                                      detected=self.landmarks == "masked")
                 for (row, _, _), vector in zip(todo, vectors):
                     out[model_index][row] = vector
                     if self.cache is not None:

@@ -71,7 +71,7 @@ def _embed_identity_sets(images: list[LabelledImage], embedder: FaceEmbedder, de
                 rows.append(embedder.embed_faces(frame, face.landmarks[None])[0])
                 masked_flags.append(False)
                 for _, masked in synthesize_masked_copies(frame, face.landmarks, rng):
-                    rows.append(embedder.embed_faces(masked, face.landmarks[None], route="masked")[0])
+                    rows.append(embedder.embed_faces(masked, face.landmarks[None], route="masked", detected=False)[0])
                     masked_flags.append(True)
             else:
                 mask_type = MASK_TYPES[rng.integers(len(MASK_TYPES))]

@@ -11,7 +11,9 @@ from .apply import (
     MaskAugment,
     apply_mask,
     apply_mask_aligned,
+    jittered_points,
     random_mask_type,
 )
 
-__all__ = ["FAMILIES", "MASK_TYPES", "MaskAugment", "apply_mask", "apply_mask_aligned", "random_mask_type"]
+__all__ = ["FAMILIES", "MASK_TYPES", "MaskAugment", "apply_mask", "apply_mask_aligned", "jittered_points",
+           "random_mask_type"]

@@ -200,7 +200,7 @@ def apply_mask(image_bgr: np.ndarray, landmarks: np.ndarray, mask_type: str, rng
     return _composite(image, warp, layer, scale)
 
 
-def _jittered(template: np.ndarray, jitter: float, rng: np.random.Generator) -> np.ndarray:
+def jittered_points(template: np.ndarray, jitter: float, rng: np.random.Generator) -> np.ndarray:
     """Template points moved as a real detector's would be: a small similarity plus per-point noise.
 
     `jitter` is relative: shift and per-point noise in inter-ocular distances, rotation in radians,
@@ -225,7 +225,7 @@ def apply_mask_aligned(
     """A copy of an aligned face crop with a synthetic mask.
 
     template: where the crop's five landmarks are; default the ArcFace template scaled to the crop size.
-    jitter: random misplacement of the mask (see `_jittered`); 0.05 is a plausible detector error.
+    jitter: random misplacement of the mask (see `jittered_points`); 0.05 is a plausible detector error.
     """
     crop = check_image(crop_bgr)
     mask_type = check_mask_type(mask_type)
@@ -234,7 +234,7 @@ def apply_mask_aligned(
     if not (isinstance(jitter, (int, float, np.floating)) and np.isfinite(jitter) and 0.0 <= jitter <= 0.5):
         raise InputError(f"jitter must be a number in [0, 0.5], got {jitter!r}")
     if jitter > 0:
-        points = _jittered(points, float(jitter), generator)
+        points = jittered_points(points, float(jitter), generator)
     return apply_mask(crop, points, mask_type, generator)
 
 
@@ -250,7 +250,7 @@ def render_mask_layer(mask_type: str, rng: np.random.Generator | int, size: tupl
     generator = as_generator(rng)
     points = one_face_landmarks(template)
     if jitter > 0:
-        points = _jittered(points, float(jitter), generator)
+        points = jittered_points(points, float(jitter), generator)
     warp = FaceWarp(points)
     painted, scale = _paint(mask_type, generator, None, warp)
     out = np.zeros((size[0], size[1], 4), np.float32)

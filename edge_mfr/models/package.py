@@ -43,14 +43,18 @@ def file_sha256(path: Path) -> str:
 
 def package_fingerprint(onnx_path: Path, meta: dict) -> str:
     """SHA-256 of the graph; with probe-route maps (see `ModelPackage.route_map`) or a masked-route graph
-    (`ModelPackage.masked_network`) or test-time flipping (`ModelPackage.test_time_flip`), of the graph and those,
+    (`ModelPackage.masked_network`) or test-time flipping (`ModelPackage.test_time_flip`) or a masked-face alignment
+    refiner (`ModelPackage.masked_alignment_refiner`), of the graph and those,
     since they shape the templates a gallery stores."""
     graph = file_sha256(onnx_path)
-    if not meta.get("routes") and not meta.get("masked_network") and not meta.get("test_time_flip"):
+    refiner = meta.get("masked_alignment_refiner")
+    if not meta.get("routes") and not meta.get("masked_network") and not meta.get("test_time_flip") and not refiner:
         return graph
     parts = [graph]
     if meta.get("test_time_flip"):
         parts.append("test_time_flip")
+    if refiner:  # the templates of masked enrollment captures are embedded at the points it moved
+        parts.append("masked_alignment_refiner:" + refiner["graph_sha256"])
     if meta.get("routes"):
         parts.append(json.dumps(meta["routes"], sort_keys=True, separators=(",", ":")))
     if meta.get("masked_network"):  # its graph's hash, checked against the file by _check_masked_network_file
@@ -183,6 +187,26 @@ class ModelPackage:
         _write_json_atomic(self.sidecar_path, meta)
         return ModelPackage(self.onnx_path, meta)
 
+    @property
+    def masked_alignment_refiner(self) -> dict | None:
+        """{"name", "graph_sha256"} of the bundled refiner that moves the points detected on a masked face to where
+        its clean points would be before the masked route aligns it (edge_mfr.masked_alignment), or None."""
+        return self.meta.get("masked_alignment_refiner") or None
+
+    def with_masked_alignment_refiner(self, name: str | None) -> "ModelPackage":
+        """Use the bundled refiner `name` for masked faces (None: none). Masked probes are aligned differently, so
+        the fingerprint changes and the thresholds and accuracy measured before are dropped: calibrate again."""
+        stale = ("masked_alignment_refiner", "thresholds", "thresholds_by_aggregation", "calibration", "aggregation",
+                 "accuracy")
+        meta = {k: v for k, v in self.meta.items() if k not in stale}
+        if name is not None:
+            from edge_mfr.masked_alignment import MaskedAlignmentRefiner
+
+            meta["masked_alignment_refiner"] = {"name": name, "graph_sha256": MaskedAlignmentRefiner(name).sha256}
+        meta["fingerprint"] = package_fingerprint(self.onnx_path, meta)
+        _write_json_atomic(self.sidecar_path, meta)
+        return ModelPackage(self.onnx_path, meta)
+
     def route_map(self, route: str) -> tuple[np.ndarray, np.ndarray] | None:
         """(weight (D, D), bias (D,)) of the linear map applied to this route's L2-normalised embeddings, or None.
 
@@ -289,6 +313,11 @@ def _validate_meta(meta: dict, where: Path) -> None:
     if masked is not None and not (isinstance(masked, dict) and isinstance(masked.get("graph_sha256"), str)):
         raise ModelPackageError(f"{where}: masked_network must be an object describing NAME{MASKED_NETWORK_SUFFIX} "
                                 "with its graph_sha256")
+    refiner = meta.get("masked_alignment_refiner")
+    if refiner is not None and not (isinstance(refiner, dict) and isinstance(refiner.get("name"), str)
+                                    and isinstance(refiner.get("graph_sha256"), str)):
+        raise ModelPackageError(f"{where}: masked_alignment_refiner must be an object with the name and graph_sha256 "
+                                "of a bundled refiner")
     matching = meta.get("matching", {})
     rule = matching.get("masked_probe_templates", "all") if isinstance(matching, dict) else None
     if rule not in ("all", "masked"):  # match.MASKED_PROBE_TEMPLATES (match imports nothing from here)

@@ -83,6 +83,24 @@ def main(argv: list[str] | None = None) -> int:
     two.add_argument("--out", required=True, help="output .onnx (NAME.masked.onnx is written beside it)")
     two.add_argument("--name", required=True)
 
+    pairs = commands.add_parser("refiner-pairs", help="masked faces aligned by their own detected points, and how "
+                                "that alignment differs from the clean photo's (celeba_test train)")
+    pairs.add_argument("--data", default=DEFAULT_DATA, help="shared data root (default $EDGE_MFR_DATA)")
+    pairs.add_argument("--masks-per-face", type=int, default=2)
+    pairs.add_argument("--shard", type=int, default=0, help="take every SHARDS-th photo from this one")
+    pairs.add_argument("--shards", type=int, default=1)
+    pairs.add_argument("--seed", type=int, default=0)
+    pairs.add_argument("--mask-jitter", type=float, default=0.08, help="masks drawn this far from the clean points "
+                       "(fraction of the eye distance, of the size, radians)")
+    pairs.add_argument("--out", required=True, help="output .npz")
+
+    refiner = commands.add_parser("refiner-fit", help="train the masked-face alignment refiner on refiner-pairs")
+    refiner.add_argument("pairs", nargs="+", help=".npz files of refiner-pairs")
+    refiner.add_argument("--epochs", type=int, default=20)
+    refiner.add_argument("--seed", type=int, default=0)
+    refiner.add_argument("--threads", type=int, default=2)
+    refiner.add_argument("--out", required=True, help="output .pt")
+
     args = parser.parse_args(argv)
     try:
         if args.command == "prepare":
@@ -128,6 +146,17 @@ def main(argv: list[str] | None = None) -> int:
             route_metric_command(args)
         elif args.command == "score-cohort":
             score_cohort_command(args)
+        elif args.command == "refiner-pairs":
+            import numpy as np
+
+            from edge_mfr.train.refiner import refiner_pairs
+
+            made = refiner_pairs(args.data, args.masks_per_face, args.seed, args.shard, args.shards,
+                                 args.mask_jitter)
+            np.savez(args.out, **made)
+            print(f"wrote {args.out}: {len(made['chips'])} masked faces, {made['misses']} masked photos missed")
+        elif args.command == "refiner-fit":
+            refiner_fit_command(args)
         elif args.command == "masked-network":
             from edge_mfr.models.masked_network import with_masked_network
             from edge_mfr.models.package import load_package
@@ -144,6 +173,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def refiner_fit_command(args) -> None:
+    import numpy as np
+    import torch
+
+    from edge_mfr.train.refiner import fit_refiner
+
+    torch.set_num_threads(args.threads)
+    loaded = [np.load(path) for path in args.pairs]
+    chips, targets, identities = (np.concatenate([d[k] for d in loaded]) for k in ("chips", "targets", "identities"))
+    result = fit_refiner(chips, targets, identities, epochs=args.epochs, seed=args.seed)
+    torch.save({"state": result["network"].state_dict(), "mean": result["mean"], "std": result["std"],
+                "holdout": {k: result[k] for k in ("target_std", "target_rms", "residual_std", "residual_rms")},
+                "train_faces": result["train_faces"], "holdout_faces": result["holdout_faces"]}, args.out)
+    print(f"wrote {args.out}: {result['train_faces']} training faces, {result['holdout_faces']} held out")
 
 
 def _interpolation_weights(args) -> list[float] | None:

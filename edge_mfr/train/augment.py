@@ -1,4 +1,5 @@
-"""Per-batch augmentation on the training device: mirror, and masks composited from precomputed layers.
+"""Per-batch augmentation on the training device: mirror, masks composited from precomputed layers, and the
+misalignment of a masked face detected afresh.
 
 Every random choice of a step is drawn from a generator seeded by (seed, step) for the whole global batch, so a
 run is the same on one process or several (each takes its slice) and after a resume.
@@ -23,10 +24,16 @@ def step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
 
 
 class BatchAugment:
-    """Draws and applies mirror and mask choices for a global batch of uint8 BGR chips (B, s, s, 3)."""
+    """Draws and applies mirror and mask choices for a global batch of uint8 BGR chips (B, s, s, 3).
+
+    `masked_view_alignment` (8 floats: mean then standard deviation of shift x, shift y as fractions of the
+    side, log-scale and angle in degrees, or empty) moves each masked view by a similarity drawn from that
+    normal distribution: an unlock aligns a masked probe with points detected on the masked photo, which sit
+    elsewhere than on the clean photo its clean template came from (benchmarks/masked_alignment_error.py).
+    """
 
     def __init__(self, mask_colour, mask_alpha, mask_lit, mask_probability: float, jitter: float, flip: bool,
-                 device: torch.device):
+                 device: torch.device, masked_view_alignment: tuple[float, ...] = ()):
         self.colour = torch.as_tensor(mask_colour).to(device).permute(0, 3, 1, 2).float()  # premultiplied BGR
         self.alpha = torch.as_tensor(mask_alpha).to(device)[:, None].float() / 255.0
         self.lit = torch.as_tensor(mask_lit, dtype=torch.bool).to(device)
@@ -34,16 +41,23 @@ class BatchAugment:
         self.jitter = jitter
         self.flip = flip
         self.device = device
+        self.view_alignment = torch.tensor(masked_view_alignment, dtype=torch.float32).reshape(2, 4) \
+            if masked_view_alignment else None
 
-    def draw(self, batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """The random choices of one global batch (CPU tensors: identical on every process)."""
-        return {
+    def draw(self, batch: int, generator: torch.Generator, realign: bool = True) -> dict[str, torch.Tensor]:
+        """The random choices of one global batch (CPU tensors: identical on every process). `realign=False`
+        leaves masked views where the clean points put them (the hold-out, comparable across runs)."""
+        choice = {
             "flip": (torch.rand(batch, generator=generator) < 0.5) & self.flip,
             "masked": torch.rand(batch, generator=generator) < self.p,
             "layer": torch.randint(len(self.alpha), (batch,), generator=generator),
             "affine": torch.randn(batch, 4, generator=generator),  # dx, dy, log-scale, angle
             "tint": 1.0 + 0.1 * torch.randn(batch, 3, generator=generator),
         }
+        if self.view_alignment is not None and realign:
+            mean, std = self.view_alignment
+            choice["view"] = mean + std * torch.randn(batch, 4, generator=generator)
+        return choice
 
     def apply(self, crops: torch.Tensor, choice: dict[str, torch.Tensor]) -> torch.Tensor:
         """uint8 (b, s, s, 3) -> float32 (b, s, s, 3) in 0..255: mirrored where drawn, then masked where drawn."""
@@ -60,8 +74,27 @@ class BatchAugment:
         gain = torch.where(self.lit[layer], self._lighting_gain(faces), torch.ones_like(layer, dtype=x.dtype))
         colour = colour * (gain[:, None] * choice["tint"][rows])[..., None, None]
         composite = (faces * (1.0 - alpha) + colour).clamp(0.0, 255.0).round()
+        if "view" in choice:
+            composite = self._realigned(composite, choice["view"][rows])
         x[rows] = composite.permute(0, 2, 3, 1)
         return x
+
+    @staticmethod
+    def _realigned(faces: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
+        """Each face (b, 3, s, s) as a chip aligned by points that moved by the similarity `view` (dx, dy,
+        log-scale, degrees): a clean-chip point u lands at exp(log-scale) R(angle) u + 2 (dx, dy) in the
+        normalised frame, so the output samples the input at the inverse of that."""
+        scale = torch.exp(view[:, 2])
+        angle = torch.deg2rad(view[:, 3])
+        cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+        shift = 2.0 * view[:, :2]
+        tx = -(cos * shift[:, 0] + sin * shift[:, 1])
+        ty = -(-sin * shift[:, 0] + cos * shift[:, 1])
+        theta = torch.stack([torch.stack([cos, sin, tx], 1), torch.stack([-sin, cos, ty], 1)], 1)
+        grid = F.affine_grid(theta, list(faces.shape), align_corners=False)
+        # the chip's edge continues outwards: a real re-alignment would show more of the photo there
+        out = F.grid_sample(faces, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        return out.clamp(0.0, 255.0).round()
 
     def _placed(self, colour, alpha, affine):
         """Layers moved by a small random similarity: where a detector would have put the face, roughly."""

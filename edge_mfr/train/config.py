@@ -22,7 +22,7 @@ SELECTIONS = ("student", "masked_route")
 RUNTIME_FIELDS = ("out_dir", "device", "threads", "amp", "time_budget_s", "stop_after_steps", "progress", "pool")
 # Fields added after runs existed, with the default that keeps what those runs computed: left out of the hash at
 # that default, so a checkpoint from before still resumes.
-LATER_FIELDS = {"kd_target": "raw", "holdout_seed": None}
+LATER_FIELDS = {"kd_target": "raw", "holdout_seed": None, "masked_view_alignment": ()}
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,9 @@ class TrainConfig:
     holdout_identity_fraction: float = 0.08  # identity-disjoint, for selection during training
     mask_probability: float = 0.5
     mask_jitter: float = 0.04  # placement jitter of a mask layer, fraction of the crop side
+    # Masked views moved as a masked photo's own points align them: mean then standard deviation of shift x,
+    # shift y (fractions of the side), log-scale, angle (degrees); empty: where the clean points put them
+    masked_view_alignment: tuple[float, ...] = ()
     flip: bool = True
     sampler: str = "random"  # or "pk": batch_size / 4 identities x 4 faces (triplets need positives)
     # losses
@@ -106,6 +109,7 @@ class TrainConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "drop_units", tuple(sorted({int(u) for u in self.drop_units})))
+        object.__setattr__(self, "masked_view_alignment", tuple(float(v) for v in self.masked_view_alignment))
         checks = [
             (self.arch in ARCHES, f"arch must be one of {ARCHES}, got {self.arch!r}"),
             (self.init in ("scratch", "teacher", "checkpoint"),
@@ -124,6 +128,9 @@ class TrainConfig:
             (self.selection in SELECTIONS, f"selection must be one of {SELECTIONS}, got {self.selection!r}"),
             (self.optimizer in ("sgd", "adamw"), f"optimizer must be sgd|adamw, got {self.optimizer!r}"),
             (0.0 <= self.mask_probability <= 1.0, "mask_probability must be in [0, 1]"),
+            (len(self.masked_view_alignment) in (0, 8) and all(v >= 0 for v in self.masked_view_alignment[4:]),
+             "masked_view_alignment takes 8 numbers (the mean of shift x, shift y, log-scale, degrees, then "
+             "their standard deviations, not negative) or none"),
             (0.0 < self.holdout_identity_fraction < 1.0, "holdout_identity_fraction must be in (0, 1)"),
             (self.batch_size >= 4 and self.batch_size % 4 == 0, "batch_size must be a positive multiple of 4"),
             (self.steps > 0 and self.lr > 0, "steps and lr must be positive"),
@@ -174,6 +181,8 @@ class TrainConfig:
                     changes[key] = float(text)
                 elif kind.startswith("tuple[int"):
                     changes[key] = tuple(int(v) for v in text.split(",") if v.strip())
+                elif kind.startswith("tuple[float"):
+                    changes[key] = tuple(float(v) for v in text.split(",") if v.strip())
                 else:
                     changes[key] = text
             except (KeyError, ValueError):

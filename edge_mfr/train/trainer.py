@@ -189,7 +189,7 @@ def load_train_checkpoint(path) -> dict:
 def pool_augment(pool: TrainingPool, config: TrainConfig, device: torch.device) -> BatchAugment:
     """The config's mirror and mask draws over the pool's mask layers (training batches and the hold-out)."""
     return BatchAugment(pool.mask_colour, pool.mask_alpha, pool.mask_lit, config.mask_probability,
-                        config.mask_jitter, config.flip, device)
+                        config.mask_jitter, config.flip, device, config.masked_view_alignment)
 
 
 def split_holdout(pool: TrainingPool, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -219,7 +219,7 @@ def holdout_metrics(network: nn.Module, crops: torch.Tensor, labels: torch.Tenso
     network as the masked route of a two-network package whose other network made `teacher_templates`)."""
     was_training = network.training
     network.eval()
-    choice = augment.draw(len(crops), step_generator(config.split_seed, HOLDOUT_SEED_STEP))
+    choice = augment.draw(len(crops), step_generator(config.split_seed, HOLDOUT_SEED_STEP), realign=False)
     choice["flip"][:] = False
     views = {}
     for masked in (False, True):
