@@ -150,3 +150,22 @@ def test_refiner_pairs_come_from_training_photos_and_train_an_exportable_refiner
     answered = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"]).run(None, {"chip": x})[0]
     assert np.allclose(answered, expected, atol=1e-4)
     assert json.loads(graph.with_suffix(".json").read_text())["input_size"] == REFINER_SIZE
+
+
+def test_the_cli_switches_the_refiner_and_names_it(default_copy, capsys):
+    from edge_mfr.cli import main as cli
+    from edge_mfr.models.package import load_package
+
+    path = str(default_copy.onnx_path)
+    assert cli(["models", "masked-alignment", path, "off"]) == 0
+    plain = load_package(path)
+    assert plain.masked_alignment_refiner is None and not plain.thresholds
+    capsys.readouterr()
+    assert cli(["models", "masked-alignment", path, REFINER]) == 0
+    assert load_package(path).masked_alignment_refiner["name"] == REFINER
+    assert "run `edge-mfr calibrate`" not in capsys.readouterr().out  # 'off' had already dropped them
+    capsys.readouterr()
+    assert cli(["models", "info", path]) == 0
+    assert f"realigned by the refiner {REFINER}" in capsys.readouterr().out
+    assert cli(["models", "masked-alignment", path, "no_such_refiner"]) == 2
+    assert cli(["models", "masked-alignment", "no_such_package", "off"]) == 2

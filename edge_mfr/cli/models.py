@@ -190,6 +190,10 @@ def _info(args) -> int:
               f"{cohort['masked']['shape'][0]} masked faces, top {cohort['top_k']}")
     if package.test_time_flip:
         print("embedding:    test-time flip (each face and its mirror image, embeddings averaged)")
+    if package.masked_alignment_refiner:
+        refiner = package.masked_alignment_refiner
+        print(f"masked faces: realigned by the refiner {refiner['name']} (graph {refiner['graph_sha256'][:12]}) "
+              "before the masked route aligns them")
     if package.has_masked_network:
         masked = meta["masked_network"]
         print(f"masked route: network {masked.get('name', '?')} ({package.masked_network().onnx_path.name}) embeds "
@@ -216,6 +220,20 @@ def _test_time_flip(args) -> int:
     before = load_package(path)
     package = before.with_test_time_flip(args.setting == "on")
     print(f"{package.name}: test-time flip {args.setting}; fingerprint {before.fingerprint[:12]} -> "
+          f"{package.fingerprint[:12]}" + (f"; thresholds and recorded accuracy dropped: run `edge-mfr calibrate` for it"
+                                          if before.meta.get("thresholds") else ""))
+    return 0
+
+
+def _masked_alignment(args) -> int:
+    from ..models.package import load_package
+
+    path = _resolve_package(args.package)
+    if path is None:
+        raise ModelPackageError(f"no model package {args.package!r}")
+    before = load_package(path)
+    package = before.with_masked_alignment_refiner(None if args.refiner == "off" else args.refiner)
+    print(f"{package.name}: masked-face alignment refiner {args.refiner}; fingerprint {before.fingerprint[:12]} -> "
           f"{package.fingerprint[:12]}" + (f"; thresholds and recorded accuracy dropped: run `edge-mfr calibrate` for it"
                                           if before.meta.get("thresholds") else ""))
     return 0
@@ -264,6 +282,14 @@ def register(subparsers) -> None:
     flip.add_argument("package", metavar="PACKAGE")
     flip.add_argument("setting", choices=("on", "off"))
     flip.set_defaults(func=_test_time_flip)
+
+    refine = commands.add_parser("masked-alignment", help="realign faces detected with a mask by a bundled refiner "
+                                 "before the masked route embeds them; changes the fingerprint and drops the "
+                                 "thresholds and accuracy")
+    refine.add_argument("package", metavar="PACKAGE")
+    refine.add_argument("refiner", metavar="REFINER|off", help="e.g. masked_alignment_refiner_v1 "
+                        "(edge_mfr/models/refiners), or off")
+    refine.set_defaults(func=_masked_alignment)
 
     dlib = commands.add_parser("import-dlib", help="build the dlib teacher package from its .dat weights")
     dlib.add_argument("--dat", help="dlib_face_recognition_resnet_model_v1.dat (default: the copy in "
