@@ -34,3 +34,16 @@ def model_package():
         return default_model()
     except ModelPackageError as exc:
         pytest.skip(f"no model package: {exc}")
+
+
+@pytest.fixture()
+def package_copy(tmp_path):
+    """A copy of the bundled default model's files in tmp_path, to change without touching the bundled one."""
+    import shutil
+
+    from edge_mfr.models.package import default_model, load_package
+
+    bundled = default_model()
+    for path in bundled.files:
+        shutil.copyfile(path, tmp_path / path.name)
+    return load_package(tmp_path / bundled.onnx_path.name)

@@ -3,7 +3,6 @@ carries it."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import cv2
 import numpy as np
@@ -58,25 +57,15 @@ def test_the_bundled_refiner_moves_real_masked_faces_towards_their_clean_alignme
     assert np.mean(np.linalg.norm(after[:, :2], axis=1) < np.linalg.norm(before[:, :2], axis=1)) > 0.6
 
 
-@pytest.fixture()
-def default_copy(tmp_path):
-    from edge_mfr.models.package import default_model, load_package
-
-    bundled = default_model()
-    for path in bundled.files:
-        shutil.copyfile(path, tmp_path / path.name)
-    return load_package(tmp_path / bundled.onnx_path.name)
-
-
-def test_a_package_with_a_refiner_realigns_detected_masked_faces_only(default_copy):
+def test_a_package_with_a_refiner_realigns_detected_masked_faces_only(package_copy):
     from edge_mfr.detect import get_detector
     from edge_mfr.embed import FaceEmbedder
     from edge_mfr.io import load_image
     from edge_mfr.masks import apply_mask
     from edge_mfr.models.package import load_package
 
-    plain = default_copy.with_masked_alignment_refiner(None)
-    refined = default_copy.with_masked_alignment_refiner(REFINER)
+    plain = package_copy.with_masked_alignment_refiner(None)
+    refined = package_copy.with_masked_alignment_refiner(REFINER)
     assert refined.fingerprint != plain.fingerprint  # masked enrollment captures embed differently: galleries rebind
     assert not refined.thresholds and "calibration" not in refined.meta  # measured without it: calibrate again
     assert load_package(refined.onnx_path).masked_alignment_refiner["name"] == REFINER  # the sidecar on disk
@@ -100,11 +89,11 @@ def test_a_package_with_a_refiner_realigns_detected_masked_faces_only(default_co
     assert np.allclose(with_refiner.embed_faces(image, points), without.embed_faces(image, points), atol=1e-6)
 
 
-def test_a_refiner_the_package_was_not_calibrated_with_is_refused(default_copy):
+def test_a_refiner_the_package_was_not_calibrated_with_is_refused(package_copy):
     from edge_mfr.embed import FaceEmbedder
     from edge_mfr.models.package import load_package
 
-    refined = default_copy.with_masked_alignment_refiner(REFINER)
+    refined = package_copy.with_masked_alignment_refiner(REFINER)
     meta = json.loads(refined.sidecar_path.read_text())
     meta["masked_alignment_refiner"]["graph_sha256"] = "0" * 64
     refined.sidecar_path.write_text(json.dumps(meta))
@@ -113,7 +102,7 @@ def test_a_refiner_the_package_was_not_calibrated_with_is_refused(default_copy):
     with pytest.raises(ModelPackageError, match="is not the 000000000000"):
         MaskedAlignmentRefiner(REFINER, "0" * 64)
     with pytest.raises(ModelPackageError, match="is not bundled"):
-        default_copy.with_masked_alignment_refiner("no_such_refiner")
+        package_copy.with_masked_alignment_refiner("no_such_refiner")
     meta["masked_alignment_refiner"] = "yes"
     refined.sidecar_path.write_text(json.dumps(meta))
     with pytest.raises(ModelPackageError, match="masked_alignment_refiner must be an object"):
@@ -152,11 +141,11 @@ def test_refiner_pairs_come_from_training_photos_and_train_an_exportable_refiner
     assert json.loads(graph.with_suffix(".json").read_text())["input_size"] == REFINER_SIZE
 
 
-def test_the_cli_switches_the_refiner_and_names_it(default_copy, capsys):
+def test_the_cli_switches_the_refiner_and_names_it(package_copy, capsys):
     from edge_mfr.cli import main as cli
     from edge_mfr.models.package import load_package
 
-    path = str(default_copy.onnx_path)
+    path = str(package_copy.onnx_path)
     assert cli(["models", "masked-alignment", path, "off"]) == 0
     plain = load_package(path)
     assert plain.masked_alignment_refiner is None and not plain.thresholds

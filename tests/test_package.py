@@ -13,14 +13,6 @@ from edge_mfr.errors import ModelPackageError
 from edge_mfr.models.package import bundled_models, default_model, load_package, save_package
 
 
-@pytest.fixture()
-def package_copy(tmp_path):
-    bundled = default_model()
-    for path in bundled.files:
-        shutil.copyfile(path, tmp_path / path.name)
-    return load_package(tmp_path / bundled.onnx_path.name)
-
-
 def _tiny_graph(path, input_shape, output_dim=128):
     """A real (if trivial) embedding graph: global average pool + a fixed linear layer."""
     weight = np.random.default_rng(0).standard_normal((3, output_dim)).astype(np.float32)
