@@ -40,7 +40,10 @@ def main() -> int:
     parser.add_argument("--mask-jitter", type=float, default=0.0,
                         help="draw masks this far from the clean points (edge_mfr.masks.jittered_points)")
     parser.add_argument("--refiner", help="a bundled masked-face alignment refiner to measure")
+    parser.add_argument("--rmfd", action="store_true", help="the refiner's predictions on rmfd_sample's real masks")
     args = parser.parse_args()
+    if args.rmfd:
+        return _real_masks(args)
     if not (args.data / "celeba_test").is_dir():
         print(f"no celeba_test under {args.data}", file=sys.stderr)
         return 2
@@ -74,6 +77,32 @@ def main() -> int:
         _table(f"moved by the refiner {args.refiner}", np.array(refined))
         print(f"\nrefiner time per face (warp, network, points), one thread: median {1e3 * np.median(timings):.2f} ms, "
               f"90th percentile {1e3 * np.percentile(timings, 90):.2f} ms")
+    return 0
+
+
+def _real_masks(args) -> int:
+    from edge_mfr.quality import QualityPolicy, assess
+
+    folder = args.data / "rmfd_sample"
+    if not folder.is_dir() or not args.refiner:
+        print(f"--rmfd needs {folder} and --refiner", file=sys.stderr)
+        return 2
+    find = get_detector(args.detector, threads=1)
+    refiner = MaskedAlignmentRefiner(args.refiner)
+    policy = QualityPolicy.verify()
+    predicted, photos = [], 0
+    for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp")):
+        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if image is None:
+            continue
+        photos += 1
+        for face in find.detect(image):
+            report = assess(image, face, policy)
+            if report.masked and min(face.width, face.height) >= 48:
+                predicted.append(refiner.predict(image, face.landmarks[None])[0])
+    print(f"rmfd_sample: {photos} photos, {len(predicted)} faces of at least 48 px judged masked")
+    _table(f"what {args.refiner} predicts on them",
+           np.array(predicted))
     return 0
 
 
