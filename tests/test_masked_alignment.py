@@ -158,3 +158,17 @@ def test_the_cli_switches_the_refiner_and_names_it(package_copy, capsys):
     assert f"realigned by the refiner {REFINER}" in capsys.readouterr().out
     assert cli(["models", "masked-alignment", path, "no_such_refiner"]) == 2
     assert cli(["models", "masked-alignment", "no_such_package", "off"]) == 2
+
+
+def test_no_face_at_all_cannot_send_the_points_away():
+    from edge_mfr.masked_alignment import LARGEST_CORRECTION
+
+    refiner = MaskedAlignmentRefiner(REFINER)
+    points = (DLIB_CHIP_TEMPLATE_150 * 1.5 + 40.0)[None]
+    for image in (np.zeros((300, 300, 3), np.uint8), np.full((300, 300, 3), 255, np.uint8),
+                  np.random.default_rng(0).integers(0, 256, (300, 300, 3), dtype=np.uint8)):
+        predicted = refiner.predict(image, points)
+        assert predicted.shape == (1, 4) and np.all(np.abs(predicted) <= LARGEST_CORRECTION + 1e-9)
+        moved = relative_similarity(points[0], refiner.refine(image, points)[0])
+        assert np.all(np.abs(moved) <= LARGEST_CORRECTION + 1e-6)
+    assert refiner.refine(np.zeros((10, 10, 3), np.uint8), np.empty((0, 5, 2), np.float32)).shape == (0, 5, 2)
