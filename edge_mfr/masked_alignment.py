@@ -53,6 +53,14 @@ def corrected_landmarks(landmarks: np.ndarray, similarity) -> np.ndarray:
     return (in_chip @ back[:2, :2].T + back[:2, 2]).astype(np.float32)
 
 
+def bundled_refiner(name: str) -> tuple[Path, Path]:
+    """(NAME.onnx, NAME.json) of a bundled refiner; ModelPackageError where it is not bundled."""
+    onnx_path, sidecar = REFINERS_DIR / f"{name}.onnx", REFINERS_DIR / f"{name}.json"
+    if not onnx_path.is_file() or not sidecar.is_file():
+        raise ModelPackageError(f"masked-face alignment refiner {name!r} is not bundled ({onnx_path})")
+    return onnx_path, sidecar
+
+
 class MaskedAlignmentRefiner:
     """A bundled refiner (NAME.onnx + NAME.json in edge_mfr/models/refiners), checked against its sha256."""
 
@@ -61,10 +69,7 @@ class MaskedAlignmentRefiner:
 
         from .models.package import file_sha256
 
-        onnx_path = REFINERS_DIR / f"{name}.onnx"
-        sidecar = REFINERS_DIR / f"{name}.json"
-        if not onnx_path.is_file() or not sidecar.is_file():
-            raise ModelPackageError(f"masked-face alignment refiner {name!r} is not bundled ({onnx_path})")
+        onnx_path, sidecar = bundled_refiner(name)
         actual = file_sha256(onnx_path)
         if sha256 is not None and actual != sha256:
             raise ModelPackageError(f"masked-face alignment refiner {name!r}: graph sha256 {actual[:12]} is not the "

@@ -115,7 +115,8 @@ def test_refiner_pairs_come_from_training_photos_and_train_an_exportable_refiner
     import onnxruntime as ort
     import torch
 
-    from edge_mfr.train.refiner import REFINER_SIZE, export_refiner, fit_refiner, predict, refiner_pairs
+    from edge_mfr.train.refiner import (REFINER_SIZE, export_refiner, fit_refiner, predict, refiner_pairs,
+                                        save_refiner_checkpoint)
 
     pairs = refiner_pairs(data_dir, masks_per_face=2, shards=400, progress=False)
     n = len(pairs["chips"])
@@ -129,9 +130,7 @@ def test_refiner_pairs_come_from_training_photos_and_train_an_exportable_refiner
     result = fit_refiner(pairs["chips"], pairs["targets"], pairs["identities"], epochs=2, batch_size=16,
                          holdout_fraction=0.2, log=lambda _: None)
     checkpoint = tmp_path / "refiner.pt"
-    torch.save({"state": result["network"].state_dict(), "mean": result["mean"], "std": result["std"],
-                "holdout": {k: result[k] for k in ("target_std", "target_rms", "residual_std", "residual_rms")},
-                "train_faces": result["train_faces"], "holdout_faces": result["holdout_faces"]}, checkpoint)
+    save_refiner_checkpoint(result, checkpoint)
     graph = export_refiner(checkpoint, tmp_path / "tiny_refiner.onnx", {"train_data": [{"name": "celeba_test"}]})
     chips = torch.from_numpy(pairs["chips"][:5])
     expected = predict(result["network"], chips, result["mean"], result["std"])
@@ -172,3 +171,18 @@ def test_no_face_at_all_cannot_send_the_points_away():
         moved = relative_similarity(points[0], refiner.refine(image, points)[0])
         assert np.all(np.abs(moved) <= LARGEST_CORRECTION + 1e-6)
     assert refiner.refine(np.zeros((10, 10, 3), np.uint8), np.empty((0, 5, 2), np.float32)).shape == (0, 5, 2)
+
+
+def test_refiner_fit_refuses_missing_or_foreign_pairs_and_no_epochs(tmp_path, capsys):
+    from edge_mfr.train.__main__ import main as train
+
+    foreign = tmp_path / "foreign.npz"
+    np.savez(foreign, x=np.zeros(3))
+    assert train(["refiner-fit", str(tmp_path / "missing.npz"), "--out", str(tmp_path / "r.pt")]) == 2
+    assert train(["refiner-fit", str(foreign), "--out", str(tmp_path / "r.pt")]) == 2
+    assert "missing" in capsys.readouterr().err
+    pairs = tmp_path / "pairs.npz"
+    np.savez(pairs, chips=np.zeros((8, 64, 64, 3), np.uint8), targets=np.zeros((8, 4), np.float32),
+             identities=np.array(["a", "b"] * 4))
+    assert train(["refiner-fit", str(pairs), "--epochs", "0", "--out", str(tmp_path / "r.pt")]) == 2
+    assert "at least one epoch" in capsys.readouterr().err and not (tmp_path / "r.pt").exists()

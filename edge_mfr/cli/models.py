@@ -211,32 +211,29 @@ def _info(args) -> int:
     return 0
 
 
-def _test_time_flip(args) -> int:
+def _switched(args, change, described: str) -> int:
+    """Apply `change` (a ModelPackage -> ModelPackage setting switch) to the package named in args and report it."""
     from ..models.package import load_package
 
     path = _resolve_package(args.package)
     if path is None:
         raise ModelPackageError(f"no model package {args.package!r}")
     before = load_package(path)
-    package = before.with_test_time_flip(args.setting == "on")
-    print(f"{package.name}: test-time flip {args.setting}; fingerprint {before.fingerprint[:12]} -> "
+    package = change(before)
+    print(f"{package.name}: {described}; fingerprint {before.fingerprint[:12]} -> "
           f"{package.fingerprint[:12]}" + (f"; thresholds and recorded accuracy dropped: run `edge-mfr calibrate` for it"
                                           if before.meta.get("thresholds") else ""))
     return 0
+
+
+def _test_time_flip(args) -> int:
+    return _switched(args, lambda p: p.with_test_time_flip(args.setting == "on"), f"test-time flip {args.setting}")
 
 
 def _masked_alignment(args) -> int:
-    from ..models.package import load_package
-
-    path = _resolve_package(args.package)
-    if path is None:
-        raise ModelPackageError(f"no model package {args.package!r}")
-    before = load_package(path)
-    package = before.with_masked_alignment_refiner(None if args.refiner == "off" else args.refiner)
-    print(f"{package.name}: masked-face alignment refiner {args.refiner}; fingerprint {before.fingerprint[:12]} -> "
-          f"{package.fingerprint[:12]}" + (f"; thresholds and recorded accuracy dropped: run `edge-mfr calibrate` for it"
-                                          if before.meta.get("thresholds") else ""))
-    return 0
+    refiner = None if args.refiner == "off" else args.refiner
+    return _switched(args, lambda p: p.with_masked_alignment_refiner(refiner),
+                     f"masked-face alignment refiner {args.refiner}")
 
 
 def _import_dlib(args) -> int:

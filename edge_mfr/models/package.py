@@ -179,10 +179,16 @@ class ModelPackage:
     def with_test_time_flip(self, enabled: bool) -> "ModelPackage":
         """Switch test-time flipping in the sidecar. The templates change, so the fingerprint does, and the
         thresholds and accuracy measured with the other setting are dropped: run `edge-mfr calibrate` again."""
-        stale = ("test_time_flip", "thresholds", "thresholds_by_aggregation", "calibration", "aggregation", "accuracy")
+        return self._with_embedding_setting("test_time_flip", True if enabled else None)
+
+    def _with_embedding_setting(self, key: str, value) -> "ModelPackage":
+        """The sidecar with `key` set to `value` (None: removed), rewritten. The setting changes how faces are
+        embedded, so the fingerprint is recomputed and what was measured under the old one (thresholds, their
+        calibration, recorded accuracy) is dropped."""
+        stale = (key, "thresholds", "thresholds_by_aggregation", "calibration", "aggregation", "accuracy")
         meta = {k: v for k, v in self.meta.items() if k not in stale}
-        if enabled:
-            meta["test_time_flip"] = True
+        if value is not None:
+            meta[key] = value
         meta["fingerprint"] = package_fingerprint(self.onnx_path, meta)
         _write_json_atomic(self.sidecar_path, meta)
         return ModelPackage(self.onnx_path, meta)
@@ -196,16 +202,12 @@ class ModelPackage:
     def with_masked_alignment_refiner(self, name: str | None) -> "ModelPackage":
         """Use the bundled refiner `name` for masked faces (None: none). Masked probes are aligned differently, so
         the fingerprint changes and the thresholds and accuracy measured before are dropped: calibrate again."""
-        stale = ("masked_alignment_refiner", "thresholds", "thresholds_by_aggregation", "calibration", "aggregation",
-                 "accuracy")
-        meta = {k: v for k, v in self.meta.items() if k not in stale}
+        entry = None
         if name is not None:
-            from edge_mfr.masked_alignment import MaskedAlignmentRefiner
+            from edge_mfr.masked_alignment import bundled_refiner
 
-            meta["masked_alignment_refiner"] = {"name": name, "graph_sha256": MaskedAlignmentRefiner(name).sha256}
-        meta["fingerprint"] = package_fingerprint(self.onnx_path, meta)
-        _write_json_atomic(self.sidecar_path, meta)
-        return ModelPackage(self.onnx_path, meta)
+            entry = {"name": name, "graph_sha256": file_sha256(bundled_refiner(name)[0])}
+        return self._with_embedding_setting("masked_alignment_refiner", entry)
 
     def route_map(self, route: str) -> tuple[np.ndarray, np.ndarray] | None:
         """(weight (D, D), bias (D,)) of the linear map applied to this route's L2-normalised embeddings, or None.

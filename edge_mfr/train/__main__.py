@@ -179,15 +179,20 @@ def refiner_fit_command(args) -> None:
     import numpy as np
     import torch
 
-    from edge_mfr.train.refiner import fit_refiner
+    from edge_mfr.train.refiner import fit_refiner, save_refiner_checkpoint
 
     torch.set_num_threads(args.threads)
+    for path in args.pairs:
+        if not Path(path).is_file():
+            raise InputError(f"refiner pairs {path} not found (make them with refiner-pairs)")
     loaded = [np.load(path) for path in args.pairs]
+    missing = [f"{path}: {key}" for path, d in zip(args.pairs, loaded) for key in ("chips", "targets", "identities")
+               if key not in d]
+    if missing:
+        raise InputError(f"not refiner-pairs output, missing {', '.join(missing)}")
     chips, targets, identities = (np.concatenate([d[k] for d in loaded]) for k in ("chips", "targets", "identities"))
     result = fit_refiner(chips, targets, identities, epochs=args.epochs, seed=args.seed)
-    torch.save({"state": result["network"].state_dict(), "mean": result["mean"], "std": result["std"],
-                "holdout": {k: result[k] for k in ("target_std", "target_rms", "residual_std", "residual_rms")},
-                "train_faces": result["train_faces"], "holdout_faces": result["holdout_faces"]}, args.out)
+    save_refiner_checkpoint(result, args.out)
     print(f"wrote {args.out}: {result['train_faces']} training faces, {result['holdout_faces']} held out")
 
 

@@ -99,6 +99,8 @@ def fit_refiner(chips: np.ndarray, targets: np.ndarray, identities: np.ndarray, 
                 log=print) -> dict:
     """Train on all but an identity-disjoint hold-out; returns the network, the target scale and the hold-out's
     error per parameter (std of the target as it is, and of target - prediction)."""
+    if epochs < 1:
+        raise InputError(f"the refiner needs at least one epoch, got {epochs}")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     names = np.unique(identities)
@@ -137,7 +139,14 @@ def fit_refiner(chips: np.ndarray, targets: np.ndarray, identities: np.ndarray, 
             + ", ".join(f"{n} {e:.4f}" for n, e in zip(TARGET_NAMES, errors["residual_std"]))
             + f" ({time.perf_counter() - started:.0f} s)")
     return {"network": network, "mean": mean, "std": std, "train_faces": len(train_rows),
-            "holdout_faces": len(held_rows), **holdout_errors(network, x_all[held_rows], targets[held_rows], mean, std)}
+            "holdout_faces": len(held_rows), **errors}  # the last epoch's
+
+
+def save_refiner_checkpoint(result: dict, path: str | Path) -> None:
+    """`fit_refiner`'s result as the checkpoint `export_refiner` reads."""
+    torch.save({"state": result["network"].state_dict(), "mean": result["mean"], "std": result["std"],
+                "holdout": {k: result[k] for k in ("target_std", "target_rms", "residual_std", "residual_rms")},
+                "train_faces": result["train_faces"], "holdout_faces": result["holdout_faces"]}, path)
 
 
 @torch.no_grad()
