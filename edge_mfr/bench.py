@@ -34,7 +34,7 @@ import numpy as np
 from .errors import BackendUnavailableError, InputError, ModelPackageError
 from .unlock import SYNTHETIC_MASK_TYPES, FaceUnlock, unlock_detector
 
-STAGES = ("decode", "detect", "quality", "align", "embed", "match")
+STAGES = ("decode", "detect", "quality", "refine", "align", "embed", "match")
 BACKENDS = ("ort", "ort-int8", "tensorrt")
 COMPARE_PEERS = ("face_recognition",)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -67,9 +67,37 @@ class Frames:
     encoded: list[bytes]
     size: tuple[int, int]
     skipped: list[str] = field(default_factory=list)
+    masks: dict | None = None  # mask_frames: what was drawn on them
 
     def __len__(self) -> int:
         return len(self.encoded)
+
+
+def mask_frames(frames: Frames, masks: str, seed: int = 0) -> Frames:
+    """The frames with a synthetic mask on each one's largest face (`masks`: a family, e.g. template or nist, or one
+    mask type; drawn from `seed` and the frame's index) at the points the default detector finds there, so that
+    their attempts take the masked route (refiner, masked network) as a masked person's do. Frames without a face
+    stay as they are and are counted."""
+    from .detect import DEFAULT_DETECTOR, get_detector
+    from .masks import FAMILIES, MASK_TYPES, apply_mask, random_mask_type
+
+    if masks not in MASK_TYPES and masks not in FAMILIES:
+        raise InputError(f"masks {masks!r} is neither a mask family ({', '.join(FAMILIES)}) nor a mask type "
+                         f"({', '.join(MASK_TYPES)})")
+    detector = get_detector(DEFAULT_DETECTOR)
+    encoded, faceless = [], 0
+    for index, data in enumerate(frames.encoded):
+        frame = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        face = detector.detect_largest(frame)
+        if face is None:
+            faceless += 1
+            encoded.append(data)
+            continue
+        rng = np.random.default_rng([seed, index])
+        mask_type = masks if masks in MASK_TYPES else random_mask_type(rng, family=masks)
+        encoded.append(_encode(apply_mask(frame, face.landmarks, mask_type, rng)))
+    return Frames(frames.source, frames.labels, encoded, frames.size, frames.skipped,
+                  {"masks": masks, "seed": seed, "drawn_by": DEFAULT_DETECTOR, "frames_without_a_face": faceless})
 
 
 def _encode(frame: np.ndarray) -> bytes:
@@ -479,7 +507,7 @@ def run_bench(frames: Frames, config: BenchConfig, log: Callable[[str], None] = 
         raise InputError(f"threads must be >= 1, got {config.threads}")
     result = {"format": "edge-mfr-bench/1", "environment": environment(config.threads),
               "frames": {"source": frames.source, "count": len(frames), "size": list(frames.size),
-                         "skipped_unreadable": frames.skipped},
+                         "skipped_unreadable": frames.skipped, "synthetic_masks": frames.masks},
               "settings": {"iterations": config.iterations, "duration_s": config.duration_s,
                            "warmup": config.warmup, "batch_sizes": list(config.batch_sizes),
                            "gallery_users": config.gallery_users, "templates_per_user": TEMPLATES_PER_USER,
@@ -685,6 +713,8 @@ def format_table(result: dict) -> str:
     lines = [f"edge-mfr bench: {result['frames']['count']} frames {result['frames']['size'][0]}x"
              f"{result['frames']['size'][1]} from {result['frames']['source']}, {result['iterations_done']} "
              f"iterations (interleaved), warm-up {result['settings']['warmup']}"
+             + (f", synthetic masks: {result['frames']['synthetic_masks']['masks']}"
+                if result["frames"].get("synthetic_masks") else "")
              + (" -- INTERRUPTED, partial results" if result["interrupted"] else ""),
              f"{env['cpu']}, {env['usable_cores']} usable cores, load {env['load_average']}, onnxruntime "
              f"{env['versions']['onnxruntime']}, opencv {env['versions']['opencv']}",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import align
+from .detect import detector_name
 from .errors import BackendUnavailableError, InputError
 from .match import ROUTES
 from .models.package import ModelPackage, default_model, load_package
@@ -47,6 +48,17 @@ class FaceEmbedder:
             from .masked_alignment import MaskedAlignmentRefiner
 
             self.refiner = MaskedAlignmentRefiner(refiner["name"], refiner["graph_sha256"], threads or 1)
+
+    def detector_conflicts(self, detector, thresholds: bool = True) -> list[str]:
+        """What of this model was fitted to other points than `detector` finds: the package's unlock thresholds
+        (where `thresholds`) and the masked-face alignment refiner; empty where nothing was."""
+        used = detector_name(detector)
+        fitted = {"its unlock thresholds were calibrated with": self.package.calibration_detector if thresholds
+                  else None}
+        if self.refiner is not None:
+            fitted[f"its masked-face alignment refiner {self.refiner.name!r} learned the points of"] = \
+                self.refiner.meta.get("detector")
+        return [f"{what} {name!r}" for what, name in fitted.items() if name is not None and name != used]
 
     @property
     def fingerprint(self) -> str:

@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from .detect import DEFAULT_DETECTOR, Detection, get_detector
+from .detect import DEFAULT_DETECTOR, Detection, detector_name, get_detector
 from .embed import FaceEmbedder
 from .errors import GalleryError, InputError, QualityError
 from .gallery import Gallery, RollbackCounter
@@ -45,6 +45,13 @@ def synthesize_masked_copies(image: np.ndarray, landmarks: np.ndarray, rng: np.r
 
     for mask_type in mask_types:
         yield mask_type, apply_mask(image, landmarks, mask_type, rng)
+
+
+def detector_conflict_message(model: str, detector, conflicts: list[str]) -> str:
+    """A warning for `FaceEmbedder.detector_conflicts`: points of another detector align faces differently."""
+    return (f"model {model!r}: {' and '.join(conflicts)}, but faces are detected with {detector_name(detector)!r}; "
+            "the FMR and FNMR reached may differ from the calibrated ones: detect with that detector, or "
+            "recalibrate with this one (`edge-mfr calibrate --detector`)")
 
 
 def unlock_detector(name: str = DEFAULT_DETECTOR, enroll_policy: QualityPolicy | None = None,
@@ -179,6 +186,7 @@ class FaceUnlock:
         if detector is None or isinstance(detector, str):
             detector = unlock_detector(detector or DEFAULT_DETECTOR, self.enroll_policy, self.verify_policy)
         self.detector = detector
+        self._warn_if_detector_differs()
         self.mask_synthesizer = mask_synthesizer
         self.seed = seed
         self.gallery_path = Path(gallery) if gallery is not None else None
@@ -187,6 +195,11 @@ class FaceUnlock:
         self.candidates_on_rejection = candidates_on_rejection
         self._rollback_counter = rollback_counter
         self._gallery: Gallery | None = None
+
+    def _warn_if_detector_differs(self) -> None:
+        conflicts = self.embedder.detector_conflicts(self.detector)
+        if conflicts:
+            warnings.warn(detector_conflict_message(self.package.name, self.detector, conflicts), stacklevel=3)
 
     @property
     def package(self) -> ModelPackage:
@@ -227,7 +240,10 @@ class FaceUnlock:
         start = watch.lap("quality", start)
         if not report.passed:
             return Capture(source, len(faces), competing, face, report, None, watch.latency)
-        points = self.embedder.masked_landmarks(frame, face.landmarks[None]) if report.masked else face.landmarks[None]
+        points = face.landmarks[None]
+        if report.masked and self.embedder.refiner is not None:
+            points = self.embedder.masked_landmarks(frame, points)
+            start = watch.lap("refine", start)
         batch = self.embedder.preprocess(frame, points)
         start = watch.lap("align", start)
         # The probe's route (as the quality gate judges it) picks its threshold and, where the model has one, the

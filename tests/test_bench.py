@@ -67,7 +67,8 @@ def test_numbers_are_consistent_across_pipelines_and_stages(demo_frames):
         samples = row["samples_ms"]
         # Every stage of an attempt is timed inside that attempt: stage times add up to at most its total.
         for k, total in enumerate(samples["end_to_end"]):
-            assert sum(samples[stage][k] for stage in bench.STAGES) <= total + 1e-3
+            assert sum(samples[stage][k] for stage in bench.STAGES if samples[stage]) <= total + 1e-3
+        assert samples["refine"] == []  # unmasked photos: the masked-face refiner never runs
         assert np.isclose(sum(row["mean_decomposition_ms"].values()), row["end_to_end"]["mean"], rtol=1e-6)
         e2e = row["end_to_end"]
         assert e2e["p50"] <= e2e["p90"] <= e2e["p99"] <= e2e["max"]
@@ -89,6 +90,23 @@ def test_frame_without_a_face_is_counted_apart(tmp_path):
     assert row["outcomes"] == {"matched": 2, "no_face": 2, "refused": 0}
     assert row["end_to_end"]["n"] == 2 and row["end_to_end_all_attempts"]["n"] == 4
     assert row["stages"]["detect"]["n"] == 4 and row["stages"]["embed"]["n"] == 2
+
+
+def test_masked_frames_take_the_masked_route_and_time_its_refiner(demo_frames, tmp_path, capsys):
+    masked = bench.mask_frames(demo_frames, "template", seed=0)
+    assert masked.masks == {"masks": "template", "seed": 0, "drawn_by": "yunet-onet", "frames_without_a_face": 0}
+    assert all(a != b for a, b in zip(masked.encoded, demo_frames.encoded))
+    assert bench.mask_frames(demo_frames, "template", seed=0).encoded == masked.encoded  # deterministic
+    result = bench.run_bench(masked, bench.BenchConfig(iterations=1, warmup=0, batch_sizes=()), log=lambda m: None)
+    row = result["pipelines"][0]
+    assert result["frames"]["synthetic_masks"]["masks"] == "template"
+    # the default package realigns masked faces: every attempt the quality gate judged masked is timed there
+    assert 0 < row["stages"]["refine"]["n"] <= row["outcomes"]["matched"]
+    teacher = bench.run_bench(masked, bench.BenchConfig(models=["dlib_resnet_v1"], iterations=1, warmup=0,
+                                                        batch_sizes=()), log=lambda m: None)
+    assert not teacher["pipelines"][0]["stages"]["refine"].get("n")  # no refiner, no stage
+    assert main(["bench", "--masks", "scarf", *QUICK]) == 2
+    assert "neither a mask family (template, nist) nor a mask type" in capsys.readouterr().err
 
 
 def test_unknown_detector_or_backend_lists_the_available_ones(capsys):

@@ -109,6 +109,29 @@ def test_a_refiner_the_package_was_not_calibrated_with_is_refused(package_copy):
         load_package(refined.onnx_path)
 
 
+def test_an_unlock_with_another_detector_than_the_refiner_and_thresholds_were_fitted_to_warns(package_copy, tmp_path):
+    import warnings
+
+    from edge_mfr.detect import get_detector
+    from edge_mfr.embed import FaceEmbedder
+    from edge_mfr.unlock import FaceUnlock
+
+    assert package_copy.calibration_detector == "yunet-onet"
+    with pytest.warns(UserWarning, match=r"its unlock thresholds were calibrated with 'yunet-onet' and its masked-face "
+                                         r"alignment refiner 'masked_alignment_refiner_v1' learned the points of "
+                                         r"'yunet-onet', but faces are detected with 'mtcnn'"):
+        FaceUnlock(model=package_copy, gallery=tmp_path / "g.emfr", passphrase="x", detector="mtcnn")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        FaceUnlock(model=package_copy, gallery=tmp_path / "g.emfr", passphrase="x")  # the default detector
+    # calibrating makes the thresholds, so only the refiner's detector counts there
+    embedder = FaceEmbedder(package_copy, threads=1)
+    assert embedder.detector_conflicts(get_detector("mtcnn"), thresholds=False) == [
+        "its masked-face alignment refiner 'masked_alignment_refiner_v1' learned the points of 'yunet-onet'"]
+    assert FaceEmbedder(package_copy.with_masked_alignment_refiner(None), threads=1).detector_conflicts(
+        get_detector("mtcnn"), thresholds=False) == []
+
+
 def test_refiner_pairs_come_from_training_photos_and_train_an_exportable_refiner(data_dir, tmp_path):
     """A few real pairs (every 400th celeba_test `train` photo): targets are the measured similarities, identities
     are training identities only; a short fit exports a graph that answers as the network does, in real units."""

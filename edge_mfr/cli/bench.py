@@ -27,6 +27,8 @@ def run(args) -> int:
             raise InputError(f"{image}: could not be decoded as an image")
     else:
         frames = bench.load_frames(args.images, args.video, (args.width, args.height), args.max_frames)
+    if args.masks:
+        frames = bench.mask_frames(frames, args.masks, args.seed)
     config = bench.BenchConfig(
         models=args.model or [None], backends=args.backend or ["ort"], detectors=args.detector or [],
         threads=args.threads or [1], iterations=args.iterations, duration_s=args.duration, warmup=args.warmup,
@@ -83,6 +85,9 @@ def register(subparsers) -> None:
     source.add_argument("--video", help="video file; up to --max-frames frames are read")
     source.add_argument("--image", help="a single photo")
     source.add_argument("--max-frames", type=int, default=200)
+    source.add_argument("--masks", metavar="FAMILY|TYPE", default=None,
+                        help="draw a synthetic mask (a family: template, nist; or one mask type) on each frame's "
+                             "face, so that attempts take the masked route and its alignment refiner is timed")
     source.add_argument("--width", type=int, default=640)
     source.add_argument("--height", type=int, default=480)
     what = parser.add_argument_group("pipelines (each option may be repeated: every combination is measured)")

@@ -70,11 +70,16 @@ def _list(args) -> int:
                 broken.append(f"{onnx_path}: {exc}")
                 continue
             graphs = [f for f in package.files if f != package.sidecar_path]
+            if package.masked_alignment_refiner:  # a bundled graph the package needs on the device too
+                from ..masked_alignment import bundled_refiner
+
+                graphs.append(bundled_refiner(package.masked_alignment_refiner["name"])[0])
             # per face: a package that embeds the mirror image too runs its network twice
             runs = 2 if package.test_time_flip else 1
             rows.append({"origin": origin, **package.summary(), "size_bytes": sum(g.stat().st_size for g in graphs),
                          "params": params, "gmacs": None if macs is None else runs * macs / 1e9,
                          "test_time_flip": package.test_time_flip,
+                         "masked_alignment_refiner": (package.masked_alignment_refiner or {}).get("name"),
                          "backend": "onnxruntime", "precision": _precision(package.meta),
                          "lfw": _lfw_accuracy(package.meta)})
     if args.json:
@@ -100,6 +105,10 @@ def _list(args) -> int:
         if flipping:
             print(f"GMACs per face: twice the network's for packages that embed each face with its mirror image "
                   f"(test-time flip): {', '.join(flipping)}")
+        refined = [row["name"] for row in rows if row.get("masked_alignment_refiner")]
+        if refined:
+            print(f"size includes the masked-face alignment refiner of {', '.join(refined)}; GMACs do not (it "
+                  "runs on masked faces only)")
         if rows and any(row["lfw"] for row in rows):
             print("LFW: accuracy and EER from each package's own metadata (accuracy.lfw: pairs and protocol "
                   "there; `edge-mfr models info NAME`); '-' where none is recorded")

@@ -50,6 +50,11 @@ def _lookup(name: str):
     return _REGISTRY[name]
 
 
+def detector_name(detector) -> str:
+    """The registry name a detector was built by (`get_detector`), else its class name."""
+    return getattr(detector, "registry_name", type(detector).__name__)
+
+
 def get_detector(name: str = DEFAULT_DETECTOR, **settings):
     """A new detector of the named kind; `settings` override its preset (e.g. threads, min_face_size)."""
     factory, preset, _ = _lookup(name)

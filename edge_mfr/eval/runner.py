@@ -45,6 +45,7 @@ import numpy as np
 from tqdm import tqdm
 
 from edge_mfr.align import ARCFACE_TEMPLATE_112
+from edge_mfr.detect import detector_name
 from edge_mfr.errors import InputError
 from edge_mfr.eval import metrics
 from edge_mfr.eval.pairs import PairSet
@@ -163,7 +164,7 @@ class FaceLocator:
     def detector_name(self) -> str | None:
         if self._detector is None:
             return None
-        return getattr(self._detector, "registry_name", type(self._detector).__name__)
+        return detector_name(self._detector)
 
     def config(self) -> str:
         if self.aligned:

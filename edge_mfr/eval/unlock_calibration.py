@@ -22,6 +22,7 @@ attempt, so it adds no impostor attempt and is left out of the per-route FNMR.
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from datetime import datetime, timezone
 
@@ -35,7 +36,8 @@ from ..io import load_image
 from ..masks import MASK_TYPES, apply_mask
 from ..match import AGGREGATIONS, PLAIN, ROUTES, RouteScoring, route_rows
 from ..quality import QualityPolicy, assess
-from ..unlock import SYNTHETIC_MASK_TYPES, synthesize_masked_copies
+from ..detect import detector_name
+from ..unlock import SYNTHETIC_MASK_TYPES, detector_conflict_message, synthesize_masked_copies
 from . import metrics
 from .calibrate import LabelledImage, check_not_trained_on
 from .runner import deployed_detector, image_seed
@@ -145,6 +147,9 @@ def calibrate_unlock(package, images: list[LabelledImage], dataset, targets=(1e-
     embedder = FaceEmbedder(package, threads=threads)
     if detector is None or isinstance(detector, str):
         detector = deployed_detector(detector)
+    conflicts = embedder.detector_conflicts(detector, thresholds=False)  # the thresholds are made here
+    if conflicts:
+        warnings.warn(detector_conflict_message(package.name, detector, conflicts), stacklevel=2)
     templates, probes, failures, masked_misses = _embed_identity_sets(images, embedder, detector,
                                                                       enroll_per_identity, seed, progress)
     if len(templates) < 2 or not probes["unmasked"]:
@@ -207,7 +212,7 @@ def calibrate_unlock(package, images: list[LabelledImage], dataset, targets=(1e-
         "n_identities": len(templates),
         "n_probes": {v: len(p) for v, p in probes.items()},
         "n_routed": {route: len(p) for route, p in routed.items()},
-        "detector": getattr(detector, "registry_name", type(detector).__name__),
+        "detector": detector_name(detector),
         "detection_failures": len(failures),
         "masked_probe_misses": len(masked_misses),
         "evidence": evidence,

@@ -263,6 +263,11 @@ class ModelPackage:
         return None if types is None else tuple(types)
 
     @property
+    def calibration_detector(self) -> str | None:
+        """The detector whose points the unlock thresholds were calibrated with, or None where not recorded."""
+        return (self.meta.get("calibration") or {}).get("detector")
+
+    @property
     def has_masked_network(self) -> bool:
         return bool(self.meta.get("masked_network"))
 
