@@ -178,6 +178,13 @@ def test_the_cli_switches_the_refiner_and_names_it(package_copy, capsys):
     capsys.readouterr()
     assert cli(["models", "info", path]) == 0
     assert f"realigned by the refiner {REFINER}" in capsys.readouterr().out
+    from edge_mfr.masked_alignment import bundled_refiner
+
+    assert cli(["models", "list", "--json", "--dir", str(package_copy.onnx_path.parent)]) == 0
+    listed = [r for r in json.loads(capsys.readouterr().out)["packages"] if r["origin"] == "dir"][0]
+    graphs = [f for f in load_package(path).files if f.suffix == ".onnx"]
+    assert listed["masked_alignment_refiner"] == REFINER  # a device needs its graph too: counted in the size
+    assert listed["size_bytes"] == sum(f.stat().st_size for f in graphs) + bundled_refiner(REFINER)[0].stat().st_size
     assert cli(["models", "masked-alignment", path, "no_such_refiner"]) == 2
     assert cli(["models", "masked-alignment", "no_such_package", "off"]) == 2
 
