@@ -153,14 +153,23 @@ def test_refiner_pairs_come_from_training_photos_and_train_an_exportable_refiner
     result = fit_refiner(pairs["chips"], pairs["targets"], pairs["identities"], epochs=2, batch_size=16,
                          holdout_fraction=0.2, log=lambda _: None)
     checkpoint = tmp_path / "refiner.pt"
-    save_refiner_checkpoint(result, checkpoint)
+    assert pairs["detector"] == "yunet-onet"  # the unlock's: the refiner learns how a mask moves its points
+    save_refiner_checkpoint(result, checkpoint, pairs["detector"])
     graph = export_refiner(checkpoint, tmp_path / "tiny_refiner.onnx", {"train_data": [{"name": "celeba_test"}]})
     chips = torch.from_numpy(pairs["chips"][:5])
     expected = predict(result["network"], chips, result["mean"], result["std"])
     x = (pairs["chips"][:5].astype(np.float32).transpose(0, 3, 1, 2) - 127.5) / 127.5
     answered = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"]).run(None, {"chip": x})[0]
     assert np.allclose(answered, expected, atol=1e-4)
-    assert json.loads(graph.with_suffix(".json").read_text())["input_size"] == REFINER_SIZE
+    meta = json.loads(graph.with_suffix(".json").read_text())
+    assert meta["input_size"] == REFINER_SIZE and meta["detector"] == "yunet-onet"
+
+    from edge_mfr.train.__main__ import main as train
+
+    assert train(["refiner-export", str(checkpoint), "--out", str(tmp_path / "cli" / "r.onnx")]) == 0
+    meta = json.loads((tmp_path / "cli" / "r.json").read_text())
+    assert meta["detector"] == "yunet-onet" and meta["train_data"] == [{"name": "celeba_test", "split": "train"}]
+    assert train(["refiner-export", str(tmp_path / "none.pt"), "--out", str(tmp_path / "x.onnx")]) == 2
 
 
 def test_the_cli_switches_the_refiner_and_names_it(package_copy, capsys):
@@ -212,7 +221,15 @@ def test_refiner_fit_refuses_missing_or_foreign_pairs_and_no_epochs(tmp_path, ca
     assert train(["refiner-fit", str(foreign), "--out", str(tmp_path / "r.pt")]) == 2
     assert "missing" in capsys.readouterr().err
     pairs = tmp_path / "pairs.npz"
-    np.savez(pairs, chips=np.zeros((8, 64, 64, 3), np.uint8), targets=np.zeros((8, 4), np.float32),
-             identities=np.array(["a", "b"] * 4))
+    fields = dict(chips=np.zeros((8, 64, 64, 3), np.uint8), targets=np.zeros((8, 4), np.float32),
+                  identities=np.array(["a", "b"] * 4))
+    np.savez(pairs, **fields)  # made without saying whose points they are
+    assert train(["refiner-fit", str(pairs), "--out", str(tmp_path / "r.pt")]) == 2
+    assert "pairs.npz: detector" in capsys.readouterr().err
+    np.savez(pairs, **fields, detector="yunet-onet")
     assert train(["refiner-fit", str(pairs), "--epochs", "0", "--out", str(tmp_path / "r.pt")]) == 2
     assert "at least one epoch" in capsys.readouterr().err and not (tmp_path / "r.pt").exists()
+    other = tmp_path / "other.npz"
+    np.savez(other, **fields, detector="mtcnn")
+    assert train(["refiner-fit", str(pairs), str(other), "--out", str(tmp_path / "r.pt")]) == 2
+    assert "different detectors (mtcnn, yunet-onet)" in capsys.readouterr().err and not (tmp_path / "r.pt").exists()

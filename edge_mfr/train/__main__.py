@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     pairs.add_argument("--seed", type=int, default=0)
     pairs.add_argument("--mask-jitter", type=float, default=0.08, help="masks drawn this far from the clean points "
                        "(fraction of the eye distance, of the size, radians)")
+    pairs.add_argument("--detector", default=None, help="the detector whose points on masked faces the refiner "
+                       "learns to move (default: the unlock's)")
     pairs.add_argument("--out", required=True, help="output .npz")
 
     refiner = commands.add_parser("refiner-fit", help="train the masked-face alignment refiner on refiner-pairs")
@@ -100,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     refiner.add_argument("--seed", type=int, default=0)
     refiner.add_argument("--threads", type=int, default=2)
     refiner.add_argument("--out", required=True, help="output .pt")
+    refiner_export = commands.add_parser("refiner-export", help="a refiner-fit checkpoint -> NAME.onnx + NAME.json "
+                                         "(for edge_mfr/models/refiners)")
+    refiner_export.add_argument("checkpoint", help="refiner-fit output .pt")
+    refiner_export.add_argument("--out", required=True, help="output NAME.onnx (NAME.json beside it)")
 
     args = parser.parse_args(argv)
     try:
@@ -152,11 +158,13 @@ def main(argv: list[str] | None = None) -> int:
             from edge_mfr.train.refiner import refiner_pairs
 
             made = refiner_pairs(args.data, args.masks_per_face, args.seed, args.shard, args.shards,
-                                 args.mask_jitter)
+                                 args.mask_jitter, args.detector)
             np.savez(args.out, **made)
             print(f"wrote {args.out}: {len(made['chips'])} masked faces, {made['misses']} masked photos missed")
         elif args.command == "refiner-fit":
             refiner_fit_command(args)
+        elif args.command == "refiner-export":
+            refiner_export_command(args)
         elif args.command == "masked-network":
             from edge_mfr.models.masked_network import with_masked_network
             from edge_mfr.models.package import load_package
@@ -186,14 +194,32 @@ def refiner_fit_command(args) -> None:
         if not Path(path).is_file():
             raise InputError(f"refiner pairs {path} not found (make them with refiner-pairs)")
     loaded = [np.load(path) for path in args.pairs]
-    missing = [f"{path}: {key}" for path, d in zip(args.pairs, loaded) for key in ("chips", "targets", "identities")
-               if key not in d]
+    missing = [f"{path}: {key}" for path, d in zip(args.pairs, loaded)
+               for key in ("chips", "targets", "identities", "detector") if key not in d]
     if missing:
         raise InputError(f"not refiner-pairs output, missing {', '.join(missing)}")
+    detectors = sorted({str(d["detector"]) for d in loaded})
+    if len(detectors) > 1:  # each detector moves its points differently on a masked face
+        raise InputError(f"refiner pairs of different detectors ({', '.join(detectors)}): fit one refiner per detector")
     chips, targets, identities = (np.concatenate([d[k] for d in loaded]) for k in ("chips", "targets", "identities"))
     result = fit_refiner(chips, targets, identities, epochs=args.epochs, seed=args.seed)
-    save_refiner_checkpoint(result, args.out)
-    print(f"wrote {args.out}: {result['train_faces']} training faces, {result['holdout_faces']} held out")
+    save_refiner_checkpoint(result, args.out, detectors[0])
+    print(f"wrote {args.out}: {result['train_faces']} training faces, {result['holdout_faces']} held out, "
+          f"points of {detectors[0]}")
+
+
+def refiner_export_command(args) -> None:
+    from datetime import date
+
+    from edge_mfr.train.refiner import export_refiner
+
+    if not Path(args.checkpoint).is_file():
+        raise InputError(f"refiner checkpoint {args.checkpoint} not found (make it with refiner-fit)")
+    graph = export_refiner(args.checkpoint, args.out, {
+        "train_data": [{"name": "celeba_test", "split": "train"}],  # where refiner-pairs draws its photos
+        "data_terms": "CelebA: non-commercial research purposes only; the refiner inherits those terms",
+        "date": date.today().isoformat()})
+    print(f"wrote {graph} and {graph.with_suffix('.json').name}; bundle both in edge_mfr/models/refiners")
 
 
 def _interpolation_weights(args) -> list[float] | None:

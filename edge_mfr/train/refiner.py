@@ -67,7 +67,8 @@ def refiner_pairs(data_dir: str | Path, masks_per_face: int = 2, seed: int = 0, 
     if not chips:
         raise InputError("no usable training faces for the alignment refiner")
     return {"chips": np.stack(chips), "targets": np.asarray(targets, np.float32),
-            "identities": np.asarray(identities), "misses": misses}
+            "identities": np.asarray(identities), "misses": misses, "detector": find.registry_name,
+            "mask_jitter": mask_jitter}
 
 
 class RefinerNet(nn.Module):
@@ -142,9 +143,10 @@ def fit_refiner(chips: np.ndarray, targets: np.ndarray, identities: np.ndarray, 
             "holdout_faces": len(held_rows), **errors}  # the last epoch's
 
 
-def save_refiner_checkpoint(result: dict, path: str | Path) -> None:
-    """`fit_refiner`'s result as the checkpoint `export_refiner` reads."""
+def save_refiner_checkpoint(result: dict, path: str | Path, detector: str) -> None:
+    """`fit_refiner`'s result as the checkpoint `export_refiner` reads, with the detector whose points it learned."""
     torch.save({"state": result["network"].state_dict(), "mean": result["mean"], "std": result["std"],
+                "detector": detector,
                 "holdout": {k: result[k] for k in ("target_std", "target_rms", "residual_std", "residual_rms")},
                 "train_faces": result["train_faces"], "holdout_faces": result["holdout_faces"]}, path)
 
@@ -180,6 +182,8 @@ def export_refiner(checkpoint: str | Path, out: str | Path, provenance: dict) ->
     import json
 
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    if not state.get("detector"):
+        raise InputError(f"{checkpoint} does not say which detector's points it learned (refit it with refiner-fit)")
     network = RefinerNet()
     network.load_state_dict(state["state"])
     model = _InUnits(network, state["mean"], state["std"]).eval()
@@ -192,6 +196,6 @@ def export_refiner(checkpoint: str | Path, out: str | Path, provenance: dict) ->
             "the points detected on the masked face, (x - 127.5) / 127.5, NCHW",
             "output": list(TARGET_NAMES), "frame": "the teacher's 150 px chip; shifts as fractions of its side",
             "holdout": state["holdout"], "train_faces": state["train_faces"], "holdout_faces": state["holdout_faces"],
-            **provenance}
+            **provenance, "detector": state["detector"]}  # FaceUnlock warns when another detector's points come
     out.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
     return out
