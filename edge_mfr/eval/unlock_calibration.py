@@ -30,13 +30,13 @@ import numpy as np
 from tqdm import tqdm
 
 from .. import __version__
+from ..detect import detector_name
 from ..embed import FaceEmbedder
 from ..errors import InputError
 from ..io import load_image
 from ..masks import MASK_TYPES, apply_mask
 from ..match import AGGREGATIONS, PLAIN, ROUTES, RouteScoring, route_rows
 from ..quality import QualityPolicy, assess
-from ..detect import detector_name
 from ..unlock import SYNTHETIC_MASK_TYPES, detector_conflict_message, synthesize_masked_copies
 from . import metrics
 from .calibrate import LabelledImage, check_not_trained_on
