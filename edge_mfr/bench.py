@@ -75,27 +75,26 @@ class Frames:
 
 def mask_frames(frames: Frames, masks: str, seed: int = 0) -> Frames:
     """The frames with a synthetic mask on each one's largest face (`masks`: a family, e.g. template or nist, or one
-    mask type; drawn from `seed` and the frame's index) at the points the default detector finds there, so that
-    their attempts take the masked route (refiner, masked network) as a masked person's do. Frames without a face
-    stay as they are and are counted."""
+    mask type; drawn per frame as the evaluation suite draws them, `eval.runner.MaskPolicy`) at the points the
+    default detector finds there, so that their attempts take the masked route (refiner, masked network) as a
+    masked person's do. Frames without a face stay as they are and are counted."""
     from .detect import DEFAULT_DETECTOR, get_detector
-    from .masks import FAMILIES, MASK_TYPES, apply_mask, random_mask_type
+    from .eval.runner import MaskPolicy
+    from .masks import FAMILIES, MASK_TYPES
 
     if masks not in MASK_TYPES and masks not in FAMILIES:
         raise InputError(f"masks {masks!r} is neither a mask family ({', '.join(FAMILIES)}) nor a mask type "
                          f"({', '.join(MASK_TYPES)})")
-    detector = get_detector(DEFAULT_DETECTOR)
+    detector, policy = get_detector(DEFAULT_DETECTOR), MaskPolicy(masks, seed)
     encoded, faceless = [], 0
-    for index, data in enumerate(frames.encoded):
+    for label, data in zip(frames.labels, frames.encoded):
         frame = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
         face = detector.detect_largest(frame)
         if face is None:
             faceless += 1
             encoded.append(data)
             continue
-        rng = np.random.default_rng([seed, index])
-        mask_type = masks if masks in MASK_TYPES else random_mask_type(rng, family=masks)
-        encoded.append(_encode(apply_mask(frame, face.landmarks, mask_type, rng)))
+        encoded.append(_encode(policy.apply(frame, face.landmarks, label)))
     return Frames(frames.source, frames.labels, encoded, frames.size, frames.skipped,
                   {"masks": masks, "seed": seed, "drawn_by": DEFAULT_DETECTOR, "frames_without_a_face": faceless})
 

@@ -67,8 +67,7 @@ def refiner_pairs(data_dir: str | Path, masks_per_face: int = 2, seed: int = 0, 
     if not chips:
         raise InputError("no usable training faces for the alignment refiner")
     return {"chips": np.stack(chips), "targets": np.asarray(targets, np.float32),
-            "identities": np.asarray(identities), "misses": misses, "detector": find.registry_name,
-            "mask_jitter": mask_jitter}
+            "identities": np.asarray(identities), "misses": misses, "detector": find.registry_name}
 
 
 class RefinerNet(nn.Module):
