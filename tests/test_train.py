@@ -291,7 +291,65 @@ def test_masked_views_move_as_a_redetection_moves_them_and_the_hold_out_stays_pu
                                   borderMode=cv2.BORDER_REPLICATE)
         assert np.abs(moved_chip - expected)[8:-8, 8:-8].mean() < 0.5  # ours is rounded to 8 bits
         assert np.abs(moved_chip - masked_chip)[8:-8, 8:-8].mean() > 5.0
-    assert "view" not in augment.draw(8, step_generator(0, 0), realign=False)
+    assert "view" not in augment.draw(8, step_generator(0, 0), training=False)
+
+
+def test_scene_changes_and_blends_reach_the_teacher_view_and_leave_older_draws_alone(tiny_pool):
+    """With scene changes and blends, the clean view (what the online teacher embeds) is the student's view
+    without its mask: blended and relit the same, moved by the same geometry. Runs without them draw exactly
+    what they drew before, and the hold-out draws neither."""
+    import torch
+
+    from edge_mfr.train.augment import BatchAugment, step_generator
+    from edge_mfr.train.data import TrainingPool
+
+    pool = TrainingPool.load(tiny_pool)
+    chips = torch.from_numpy(pool.decode(np.arange(8)))
+    layers = (pool.mask_colour, pool.mask_alpha, pool.mask_lit, 0.5, 0.04, True, torch.device("cpu"))
+    plain = BatchAugment(*layers).draw(8, step_generator(0, 5))
+    augment = BatchAugment(*layers, scene=True, mix_probability=1.0)
+    choice = augment.draw(8, step_generator(0, 5))
+    assert all(torch.equal(plain[k], choice[k]) for k in plain)
+    assert set(choice) - set(plain) == {"scene", "grey", "mix_partner", "mix_weight"}
+    assert set(augment.draw(8, step_generator(0, 5), training=False)) == set(plain)
+    choice["masked"] = torch.tensor([True, False] * 4)
+    with pytest.raises(ValueError, match="partner"):
+        augment.views(chips, choice)
+    clean, student = augment.views(chips, choice, chips[choice["mix_partner"]])
+    assert torch.equal(clean[1::2], student[1::2])  # unmasked views: the student sees what the teacher sees
+    differs = (clean[::2] - student[::2]).abs().amax(dim=-1)
+    rows = differs.shape[1]
+    assert bool((differs[:, :rows // 4] <= 1.0).all())  # a mask stays on the lower face (masked views are 8-bit)
+    assert bool((differs > 20).flatten(1).any(dim=1).all())
+    assert (clean - chips.float()).abs().mean() > 10  # every view moved, relit or blended
+    assert float(clean.min()) >= 0 and float(clean.max()) <= 255
+
+
+def test_a_student_learns_from_the_teacher_run_on_every_view_and_resumes_exactly(tiny_pool, tmp_path):
+    from edge_mfr.train.trainer import fit
+
+    online = dict(arc_weight=0.0, kd_target="standardized", teacher_views="online", scene_augment=True,
+                  mix_probability=0.5, steps=8, eval_every=4)
+    full = fit(tiny_config(tiny_pool, tmp_path / "full", **online), log=lambda _: None)
+    losses = losses_of(full)
+    assert len(losses) == 8 and np.mean(losses[-2:]) < np.mean(losses[:2])
+    interrupted = tiny_config(tiny_pool, tmp_path / "split", stop_after_steps=3, **online)
+    fit(interrupted, log=lambda _: None)
+    resumed = fit(dataclasses.replace(interrupted, stop_after_steps=None), resume=True, log=lambda _: None)
+    assert losses_of(resumed) == losses
+
+
+def test_augmentations_the_cached_templates_did_not_see_are_refused(tiny_pool, tmp_path):
+    with pytest.raises(InputError, match="need teacher_views='online'"):
+        tiny_config(tiny_pool, tmp_path, scene_augment=True)
+    with pytest.raises(InputError, match="need teacher_views='online'"):
+        tiny_config(tiny_pool, tmp_path, mix_probability=0.3)
+    with pytest.raises(InputError, match="no identity"):
+        tiny_config(tiny_pool, tmp_path, teacher_views="online", mix_probability=0.3)
+    with pytest.raises(InputError, match="computes KD targets"):
+        tiny_config(tiny_pool, tmp_path, teacher_views="online", mse_weight=0.0)
+    with pytest.raises(InputError, match="teacher_views must be"):
+        tiny_config(tiny_pool, tmp_path, teacher_views="live")
 
 
 def test_fields_added_later_keep_the_hash_of_runs_from_before_at_their_default():
@@ -324,12 +382,13 @@ def test_a_student_of_another_size_learns_through_a_dropped_projection(tiny_pool
 
 def test_a_standardized_target_is_fitted_on_the_training_faces_only(tiny_pool, tmp_path):
     from edge_mfr.train.data import TrainingPool
-    from edge_mfr.train.trainer import _standardized, fit, split_holdout
+    from edge_mfr.train.trainer import fit, kd_standardizer, split_holdout
 
     pool = TrainingPool.load(tiny_pool)
     train_rows, held_rows = split_holdout(pool, 0.2, 3)
     teacher = torch.from_numpy(pool.teacher)
-    standardized, mirrored = _standardized(teacher, torch.from_numpy(pool.teacher_flipped), train_rows)
+    standardize = kd_standardizer(tiny_config(tiny_pool, tmp_path, kd_target="standardized"), teacher, train_rows)
+    standardized, mirrored = standardize(teacher), standardize(torch.from_numpy(pool.teacher_flipped))
     fitted = standardized[torch.from_numpy(train_rows)].double()
     assert torch.allclose(fitted.mean(dim=0), torch.zeros(1, dtype=torch.float64), atol=1e-5)
     assert torch.allclose(fitted.std(dim=0), torch.ones(1, dtype=torch.float64), atol=1e-4)

@@ -1,5 +1,6 @@
-"""Per-batch augmentation on the training device: mirror, masks composited from precomputed layers, and the
-misalignment of a masked face detected afresh.
+"""Per-batch augmentation on the training device: mirror, masks composited from precomputed layers, the
+misalignment of a masked face detected afresh, and (for a teacher run on every view) scene changes and blends of
+two faces.
 
 Every random choice of a step is drawn from a generator seeded by (seed, step) for the whole global batch, so a
 run is the same on one process or several (each takes its slice) and after a resume.
@@ -17,6 +18,12 @@ REFERENCE_LIT_LEVEL = 165.0
 LUMINANCE_EXPONENT = 0.8
 GAIN_RANGE = (0.2, 1.35)
 LOWER_FACE = (0.62, 0.86, 0.30, 0.70)  # rows and columns of the chip, as fractions: cheeks, mouth, chin
+# Scene changes (`scene_augment`): what another camera, light or alignment does to the same face. Standard
+# deviations of shift x, shift y (fractions of the side), log-scale, angle (degrees), then of the log gains of
+# brightness, contrast and saturation; a view is grey with GREY_PROBABILITY.
+SCENE_STD = (0.03, 0.03, 0.05, 6.0, 0.15, 0.15, 0.25)
+GREY_PROBABILITY = 0.1
+MIX_WEIGHT_MAX = 0.5  # a blended view keeps at least half of its own face
 
 
 def step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
@@ -33,7 +40,8 @@ class BatchAugment:
     """
 
     def __init__(self, mask_colour, mask_alpha, mask_lit, mask_probability: float, jitter: float, flip: bool,
-                 device: torch.device, masked_view_alignment: tuple[float, ...] = ()):
+                 device: torch.device, masked_view_alignment: tuple[float, ...] = (), scene: bool = False,
+                 mix_probability: float = 0.0):
         self.colour = torch.as_tensor(mask_colour).to(device).permute(0, 3, 1, 2).float()  # premultiplied BGR
         self.alpha = torch.as_tensor(mask_alpha).to(device)[:, None].float() / 255.0
         self.lit = torch.as_tensor(mask_lit, dtype=torch.bool).to(device)
@@ -43,10 +51,14 @@ class BatchAugment:
         self.device = device
         self.view_alignment = torch.tensor(masked_view_alignment, dtype=torch.float32).reshape(2, 4) \
             if masked_view_alignment else None
+        self.scene = scene
+        self.mix_probability = mix_probability
 
-    def draw(self, batch: int, generator: torch.Generator, realign: bool = True) -> dict[str, torch.Tensor]:
-        """The random choices of one global batch (CPU tensors: identical on every process). `realign=False`
-        leaves masked views where the clean points put them (the hold-out, comparable across runs)."""
+    def draw(self, batch: int, generator: torch.Generator, training: bool = True) -> dict[str, torch.Tensor]:
+        """The random choices of one global batch (CPU tensors: identical on every process). `training=False`
+        leaves masked views where the clean points put them and draws no scene change or blend (the hold-out,
+        comparable across runs). Draws added later come after the older ones, so runs without them keep their
+        sequence."""
         choice = {
             "flip": (torch.rand(batch, generator=generator) < 0.5) & self.flip,
             "masked": torch.rand(batch, generator=generator) < self.p,
@@ -54,19 +66,64 @@ class BatchAugment:
             "affine": torch.randn(batch, 4, generator=generator),  # dx, dy, log-scale, angle
             "tint": 1.0 + 0.1 * torch.randn(batch, 3, generator=generator),
         }
-        if self.view_alignment is not None and realign:
+        if self.view_alignment is not None and training:
             mean, std = self.view_alignment
             choice["view"] = mean + std * torch.randn(batch, 4, generator=generator)
+        if self.scene and training:
+            choice["scene"] = torch.randn(batch, len(SCENE_STD), generator=generator) * torch.tensor(SCENE_STD)
+            choice["grey"] = torch.rand(batch, generator=generator) < GREY_PROBABILITY
+        if self.mix_probability > 0 and training:
+            # a partner is a row of the same global batch, so every process has its pixels
+            choice["mix_partner"] = torch.randint(batch, (batch,), generator=generator)
+            mixed = torch.rand(batch, generator=generator) < self.mix_probability
+            choice["mix_weight"] = mixed * MIX_WEIGHT_MAX * torch.rand(batch, generator=generator)
         return choice
 
-    def apply(self, crops: torch.Tensor, choice: dict[str, torch.Tensor]) -> torch.Tensor:
-        """uint8 (b, s, s, 3) -> float32 (b, s, s, 3) in 0..255: mirrored where drawn, then masked where drawn."""
+    def apply(self, crops: torch.Tensor, choice: dict[str, torch.Tensor],
+              partners: torch.Tensor | None = None) -> torch.Tensor:
+        """uint8 (b, s, s, 3) -> float32 (b, s, s, 3) in 0..255: the view the student sees (`views`)."""
+        return self.views(crops, choice, partners)[1]
+
+    def views(self, crops: torch.Tensor, choice: dict[str, torch.Tensor],
+              partners: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 (b, s, s, 3) -> (clean, student) float32 (b, s, s, 3) in 0..255. Blended with `partners` (the
+        partner rows' crops) where drawn, mirrored, the scene's light changed, then masked where drawn; the
+        scene's geometry moves both last, so a mask stays where it sits on the face. `clean` is the same view
+        without its mask: what a teacher run on every view embeds."""
         choice = {k: v.to(self.device) for k, v in choice.items()}
         x = crops.float()
+        if "mix_weight" in choice:
+            if partners is None:
+                raise ValueError("a draw with blends needs the partner rows' crops")
+            weight = choice["mix_weight"][:, None, None, None]
+            x = (1.0 - weight) * x + weight * partners.float()
         x = torch.where(choice["flip"][:, None, None, None], x.flip(2), x)
+        if "scene" in choice:
+            x = self._relit(x, choice["scene"][:, 4:], choice["grey"])
+        student = self._masked(x, choice)
+        if "scene" in choice:
+            geometry = choice["scene"][:, :4]
+            moved = self._realigned(torch.cat([x, student]).permute(0, 3, 1, 2), geometry.repeat(2, 1))
+            x, student = moved.permute(0, 2, 3, 1).chunk(2)
+        return x, student
+
+    @staticmethod
+    def _relit(x: torch.Tensor, gains: torch.Tensor, grey: torch.Tensor) -> torch.Tensor:
+        """Brightness, contrast and saturation by exp(log gains) (b, 3) around the face's own levels; grey views."""
+        brightness, contrast, saturation = torch.exp(gains).T[..., None, None, None]
+        luma = x @ x.new_tensor([0.114, 0.587, 0.299])[:, None]  # BGR
+        x = luma + saturation * (x - luma)
+        level = luma.mean(dim=(1, 2, 3), keepdim=True)
+        x = level + contrast * (x - level)
+        x = torch.where(grey[:, None, None, None], (x @ x.new_tensor([0.114, 0.587, 0.299])[:, None]).expand_as(x), x)
+        return (brightness * x).clamp(0.0, 255.0)
+
+    def _masked(self, x: torch.Tensor, choice: dict[str, torch.Tensor]) -> torch.Tensor:
+        """A copy of the float views x with masks composited where drawn (and moved by `view` where drawn)."""
         masked = choice["masked"]
         if not bool(masked.any()):
             return x
+        x = x.clone()
         rows = masked.nonzero().squeeze(1)
         faces = x[rows].permute(0, 3, 1, 2)
         layer = choice["layer"][rows]

@@ -22,7 +22,8 @@ SELECTIONS = ("student", "masked_route")
 RUNTIME_FIELDS = ("out_dir", "device", "threads", "amp", "time_budget_s", "stop_after_steps", "progress", "pool")
 # Fields added after runs existed, with the default that keeps what those runs computed: left out of the hash at
 # that default, so a checkpoint from before still resumes.
-LATER_FIELDS = {"kd_target": "raw", "holdout_seed": None, "masked_view_alignment": ()}
+LATER_FIELDS = {"kd_target": "raw", "holdout_seed": None, "masked_view_alignment": (), "teacher_views": "cached",
+                "scene_augment": False, "mix_probability": 0.0}
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,13 @@ class TrainConfig:
     # shift y (fractions of the side), log-scale, angle (degrees); empty: where the clean points put them
     masked_view_alignment: tuple[float, ...] = ()
     flip: bool = True
+    # "cached": KD targets are the pool's teacher templates of the unaugmented crop (and its mirror); "online":
+    # the teacher embeds every training view (without its mask) as the student sees it, so the targets follow
+    # scene changes and blends. With 15.9k faces a student fits the cached targets of its training faces and
+    # stops generalising (stop 24); every new view is a new point of the teacher's function to match.
+    teacher_views: str = "cached"
+    scene_augment: bool = False  # shift, scale, rotation, light, colour and grey views (needs online targets)
+    mix_probability: float = 0.0  # views blended with another face of the batch (needs online targets, no arc)
     sampler: str = "random"  # or "pk": batch_size / 4 identities x 4 faces (triplets need positives)
     # losses
     arc_weight: float = 1.0
@@ -126,6 +134,17 @@ class TrainConfig:
             (self.kd_target == "raw" or self.selection == "student",
              "kd_target='standardized' leaves the teacher's space: selection must be 'student'"),
             (self.selection in SELECTIONS, f"selection must be one of {SELECTIONS}, got {self.selection!r}"),
+            (self.teacher_views in ("cached", "online"),
+             f"teacher_views must be cached|online, got {self.teacher_views!r}"),
+            (self.teacher_views == "online" or not (self.scene_augment or self.mix_probability > 0),
+             "scene_augment and mix_probability change the pixels the cached teacher templates were computed "
+             "on: they need teacher_views='online'"),
+            (self.teacher_views == "cached" or (self.stage == "classify" and (
+                self.mse_weight > 0 or self.mse_weight_high > 0 or self.cosine_weight > 0)),
+             "teacher_views='online' computes KD targets: it needs mse_weight or cosine_weight > 0 and "
+             "stage='classify'"),
+            (0.0 <= self.mix_probability <= 1.0 and (self.mix_probability == 0 or self.arc_weight == 0),
+             "mix_probability must be in [0, 1], and a blend of two faces has no identity: it needs arc_weight=0"),
             (self.optimizer in ("sgd", "adamw"), f"optimizer must be sgd|adamw, got {self.optimizer!r}"),
             (0.0 <= self.mask_probability <= 1.0, "mask_probability must be in [0, 1]"),
             (len(self.masked_view_alignment) in (0, 8) and all(v >= 0 for v in self.masked_view_alignment[4:]),

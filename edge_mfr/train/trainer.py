@@ -34,6 +34,7 @@ from edge_mfr.train.augment import BatchAugment, step_generator, student_input
 from edge_mfr.train.config import TrainConfig
 from edge_mfr.train.data import TrainingPool
 from edge_mfr.train.losses import ElasticArcHead, batch_hard_triplet, cosine_distance, squared_error
+from edge_mfr.train.teacher import chip_input
 
 CHECKPOINT_FORMAT = "edge-mfr-train-checkpoint/1"
 HOLDOUT_SEED_STEP = 10**9  # the hold-out's masks: a step number no run reaches
@@ -189,7 +190,8 @@ def load_train_checkpoint(path) -> dict:
 def pool_augment(pool: TrainingPool, config: TrainConfig, device: torch.device) -> BatchAugment:
     """The config's mirror and mask draws over the pool's mask layers (training batches and the hold-out)."""
     return BatchAugment(pool.mask_colour, pool.mask_alpha, pool.mask_lit, config.mask_probability,
-                        config.mask_jitter, config.flip, device, config.masked_view_alignment)
+                        config.mask_jitter, config.flip, device, config.masked_view_alignment,
+                        config.scene_augment, config.mix_probability)
 
 
 def split_holdout(pool: TrainingPool, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -219,7 +221,7 @@ def holdout_metrics(network: nn.Module, crops: torch.Tensor, labels: torch.Tenso
     network as the masked route of a two-network package whose other network made `teacher_templates`)."""
     was_training = network.training
     network.eval()
-    choice = augment.draw(len(crops), step_generator(config.split_seed, HOLDOUT_SEED_STEP), realign=False)
+    choice = augment.draw(len(crops), step_generator(config.split_seed, HOLDOUT_SEED_STEP), training=False)
     choice["flip"][:] = False
     views = {}
     for masked in (False, True):
@@ -329,12 +331,15 @@ def _lr_lambdas(config: TrainConfig):
     return [lambda s: cosine(s, config.head_warmup_steps), lambda s: cosine(s, 0)]
 
 
-def _standardized(teacher: torch.Tensor, teacher_flipped: torch.Tensor, train_rows: np.ndarray):
-    """Both template sets minus the training faces' mean template, over its per-dimension deviation (the
-    statistics of the training rows only, so the hold-out stays unseen)."""
+def kd_standardizer(config: TrainConfig, teacher: torch.Tensor, train_rows: np.ndarray) -> Callable:
+    """The KD target made of raw teacher templates: as they are, or (`kd_target="standardized"`) minus the
+    training faces' mean template, over its per-dimension deviation (statistics of the cached clean templates of
+    the training rows only, so the hold-out stays unseen; online targets use the same statistics)."""
+    if config.kd_target == "raw":
+        return lambda templates: templates
     fitted = teacher[torch.from_numpy(np.asarray(train_rows)).to(teacher.device)].double()
     mean, std = fitted.mean(dim=0), fitted.std(dim=0).clamp_min(1e-6)
-    return tuple(((t.double() - mean) / std).to(t.dtype) for t in (teacher, teacher_flipped))
+    return lambda templates: ((templates.double() - mean) / std).to(templates.dtype)
 
 
 def _parameter_groups(module: TrainModule, config: TrainConfig):
@@ -394,8 +399,14 @@ def fit(config: TrainConfig, resume: bool = False, log: Callable[[str], None] = 
     decode_s = time.perf_counter() - started
     teacher = torch.from_numpy(pool.teacher).to(device)
     teacher_flipped = torch.from_numpy(pool.teacher_flipped if config.flip else pool.teacher).to(device)
-    if config.kd_target == "standardized":
-        teacher, teacher_flipped = _standardized(teacher, teacher_flipped, train_rows)
+    standardize = kd_standardizer(config, teacher, train_rows)
+    teacher, teacher_flipped = standardize(teacher), standardize(teacher_flipped)
+    online_teacher = None
+    if config.teacher_views == "online":
+        from edge_mfr.train.teacher import bundled_teacher_network
+
+        online_teacher = bundled_teacher_network(pool.meta["teacher_layout"], pool.meta["teacher_fingerprint"])
+        online_teacher = online_teacher.to(device).eval().requires_grad_(False)
     row_class = torch.from_numpy(class_of_row).to(device)
     mean_rgb = pool.meta["teacher_layout"]["mean_rgb"]
     augment = pool_augment(pool, config, device)
@@ -494,17 +505,24 @@ def fit(config: TrainConfig, resume: bool = False, log: Callable[[str], None] = 
         margin_noise = torch.randn(len(rows), generator=generator)
         mine = torch.arange(rank, len(rows), world)
         local_rows, local_choice = rows[mine.to(device)], {k: v[mine] for k, v in choice.items()}
-        flipped = local_choice["flip"].to(device)
-        target = torch.where(flipped[:, None], teacher_flipped[local_rows], teacher[local_rows])
         labels = row_class[local_rows]
-        if config.stage == "triplet":
-            clean = dict(local_choice, masked=torch.zeros_like(local_choice["masked"]))
-            masked = dict(local_choice, masked=torch.ones_like(local_choice["masked"]))
-            x = torch.cat([student_input(augment.apply(crops[local_rows], c), config.arch, mean_rgb,
-                                         config.input_size) for c in (clean, masked)])
+        if online_teacher is not None:
+            partners = crops[rows[choice["mix_partner"][mine].to(device)]] if "mix_partner" in choice else None
+            clean, student_view = augment.views(crops[local_rows], local_choice, partners)
+            with torch.no_grad(), _autocast(config):
+                target = standardize(online_teacher(chip_input(clean, mean_rgb)).float())
+            x = student_input(student_view, config.arch, mean_rgb, config.input_size)
         else:
-            x = student_input(augment.apply(crops[local_rows], local_choice), config.arch, mean_rgb,
-                              config.input_size)
+            flipped = local_choice["flip"].to(device)
+            target = torch.where(flipped[:, None], teacher_flipped[local_rows], teacher[local_rows])
+            if config.stage == "triplet":
+                clean = dict(local_choice, masked=torch.zeros_like(local_choice["masked"]))
+                masked = dict(local_choice, masked=torch.ones_like(local_choice["masked"]))
+                x = torch.cat([student_input(augment.apply(crops[local_rows], c), config.arch, mean_rgb,
+                                             config.input_size) for c in (clean, masked)])
+            else:
+                x = student_input(augment.apply(crops[local_rows], local_choice), config.arch, mean_rgb,
+                                  config.input_size)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         state["data_s"] += time.perf_counter() - data_started
