@@ -110,12 +110,15 @@ class BatchAugment:
     @staticmethod
     def _relit(x: torch.Tensor, gains: torch.Tensor, grey: torch.Tensor) -> torch.Tensor:
         """Brightness, contrast and saturation by exp(log gains) (b, 3) around the face's own levels; grey views."""
+        def luma(views: torch.Tensor) -> torch.Tensor:  # (b, s, s, 3) BGR -> (b, s, s, 1)
+            return views @ views.new_tensor([0.114, 0.587, 0.299])[:, None]
+
         brightness, contrast, saturation = torch.exp(gains).T[..., None, None, None]
-        luma = x @ x.new_tensor([0.114, 0.587, 0.299])[:, None]  # BGR
-        x = luma + saturation * (x - luma)
-        level = luma.mean(dim=(1, 2, 3), keepdim=True)
+        grey_level = luma(x)
+        x = grey_level + saturation * (x - grey_level)
+        level = grey_level.mean(dim=(1, 2, 3), keepdim=True)
         x = level + contrast * (x - level)
-        x = torch.where(grey[:, None, None, None], (x @ x.new_tensor([0.114, 0.587, 0.299])[:, None]).expand_as(x), x)
+        x = torch.where(grey[:, None, None, None], luma(x).expand_as(x), x)
         return (brightness * x).clamp(0.0, 255.0)
 
     def _masked(self, x: torch.Tensor, choice: dict[str, torch.Tensor]) -> torch.Tensor:
